@@ -105,6 +105,17 @@ def _normalise(m: np.ndarray) -> np.ndarray:
     return m
 
 
+def _policy_period(policies: list[bytes], max_period: int = 8, repeats: int = 3) -> int | None:
+    """The period p >= 2 with which the last ``repeats`` * p policies cycle, if they do."""
+    for p in range(2, max_period + 1):
+        window = policies[-repeats * p :]
+        if len(window) < repeats * p or len(set(window[:p])) < 2:
+            continue
+        if all(window[i] == window[i - p] for i in range(p, len(window))):
+            return p
+    return None
+
+
 def solve(
     space: StateSpace,
     damping: float = 0.5,
@@ -122,6 +133,7 @@ def solve(
     m = np.array([0.5, 0.5])
     w = space.uniform_policy()
     seen: dict[tuple[bytes, tuple[float, float]], int] = {}
+    policies: list[bytes] = []
     history: list[tuple[float, float, int]] = []
     status = Status.MAX_ITERATIONS
     cycle: int | None = None
@@ -151,10 +163,14 @@ def solve(
             status = Status.OSCILLATING
             break
         key = (np.round(w_new, 12).tobytes(), (round(float(m_new[0]), 9), round(float(m_new[1]), 9)))
+        policies.append(key[0])
+        period = _policy_period(policies)
         if key in seen and it - seen[key] >= 2:
+            period = it - seen[key]
+        if period is not None:
             m, w = m_new, w_new
             status = Status.OSCILLATING
-            cycle = it - seen[key]
+            cycle = period
             break
         seen[key] = it
         m, w = m_new, w_new
@@ -208,7 +224,10 @@ def solve(
             f"stopped after {it} iterations"
         )
     elif status == Status.OSCILLATING:
-        message = f"policy and values repeat with period {cycle}; stopped after {it} iterations"
+        message = (
+            f"the policy cycles with period {cycle} (each policy makes another one look better); "
+            f"stopped after {it} iterations; last estimate shown"
+        )
     else:
         message = f"no fixed point within {max_iterations} iterations; last estimate shown"
     return MutualValueResult(
