@@ -119,6 +119,11 @@ def _reason(
         )
     if len(other) == len(cs):
         base_part = f"max {base.name} is indifferent ({metric} {base.q[b_c]:.3g} for every action)"
+    elif set(planner) < set(other):
+        base_part = (
+            f"max {base.name} finds {_fmt_names(other)} equally good ({metric} {base.q[b_c]:.3g} each) "
+            "and the planner does not"
+        )
     dvx = vx[p_c] - vx[b_c]
     dvy = vy[p_c] - vy[b_c]
     driver = "the X held afterwards brings more Y" if dvx >= dvy else "the Y held afterwards brings more X"
