@@ -1,0 +1,32 @@
+"""One module per experiment: a pydantic Spec, and run(model, spec, progress) -> summary dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from maskscope.experiments import character
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment's spec type, its run function and the function that draws its plots."""
+
+    spec: type[BaseModel]
+    run: Any
+    plots: Any
+
+
+def _character_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    from maskscope.report.plots import character_plots
+
+    return character_plots(summary, out_dir)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "character": Experiment(character.CharacterSpec, character.run, _character_plots),
+}
+
+__all__ = ["EXPERIMENTS", "Experiment", "character"]

@@ -1,0 +1,389 @@
+"""The transformers backend: exact scoring with shared-prefix KV reuse, next-token distributions, batched
+seeded sampling. Runs on CPU or GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from maskscope.errors import UserError
+from maskscope.models.base import (
+    Context,
+    Conversation,
+    ModelAPI,
+    Sample,
+    SampleParams,
+    Scored,
+    TokenDist,
+)
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _batches(order: Sequence[int], cost: Sequence[int], budget: int, max_rows: int) -> Iterator[list[int]]:
+    """Split `order` into consecutive batches whose padded size (rows x longest) stays within `budget`."""
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, cost[i])
+        if batch and (new_longest * (len(batch) + 1) > budget or len(batch) >= max_rows):
+            yield batch
+            batch, new_longest = [], cost[i]
+        batch.append(i)
+        longest = new_longest
+    if batch:
+        yield batch
+
+
+def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new KV cache holding the given batch rows of `cache` (repeats allowed); `cache` is left untouched."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
+        layer.batch_select_indices(rows)
+    return new
+
+
+class HFModel(ModelAPI):
+    """A transformers causal LM and its tokenizer behind the LanguageModel protocol.
+
+    `precision="bf16"` runs forward passes under bfloat16 autocast (about twice as fast on CPUs with AMX);
+    log-probabilities are always computed in float32 from the logits. fp32 is the default, for exactness.
+    """
+
+    capabilities = frozenset(
+        {"score", "next_token_distribution", "sample", "full_distribution", "activations"}
+    )
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        weights_digest: str,
+        precision: str = "fp32",
+        token_budget: int = 8192,
+        max_batch: int = 64,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weights_digest = weights_digest
+        self.precision = precision
+        self.token_budget = token_budget
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    # ----------------------------------------------------------------- identity and rendering
+    def fingerprint(self) -> dict[str, Any]:
+        """Weights hash, dtype and precision; adapters and steering add their own parts."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return {
+            "backend": "hf",
+            "weights": self.weights_digest,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "precision": self.precision,
+            "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16],
+            "adapter": None,
+            "steering": None,
+        }
+
+    def render(self, context: Context) -> str:
+        """The prompt text: the chat template with the generation prompt, then the prefill verbatim.
+
+        A raw string is used as it is (no template), for base models and hand-made prompts."""
+        ctx = Conversation.coerce(context)
+        if isinstance(ctx, str):
+            return ctx
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            # No template: a plain transcript, the convention of base-model evaluation.
+            lines = [f"{m.role.capitalize()}: {m.content}" for m in ctx.messages]
+            return "\n\n".join([*lines, "Assistant: "]) + ctx.prefill
+        messages = [{"role": m.role, "content": m.content} for m in ctx.messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text + ctx.prefill
+
+    def encode_prompt(self, context: Context) -> list[int]:
+        """Token ids of the rendered prompt. Templated prompts carry their own special tokens."""
+        ctx = Conversation.coerce(context)
+        text = self.render(ctx)
+        ids = self.tokenizer(text, add_special_tokens=isinstance(ctx, str))["input_ids"]
+        if not ids:
+            raise UserError("the prompt is empty")
+        self._check_length(len(ids))
+        return list(ids)
+
+    def encode_continuation(self, prompt_text: str, body: list[int], continuation: str) -> list[int]:
+        """Token ids of a continuation as the tokenizer splits it after the prompt.
+
+        The prompt and continuation are tokenized together; when that keeps the prompt's tokens intact, the
+        continuation's tokens are the rest. When a token would straddle the boundary, the continuation is
+        tokenized on its own (the prompt's tokens stay as the model saw them). `body` is the prompt's
+        tokens without special tokens added by the tokenizer."""
+        if not continuation:
+            raise UserError("a continuation must not be empty")
+        joint = self.tokenizer(prompt_text + continuation, add_special_tokens=False)["input_ids"]
+        if joint[: len(body)] == body and len(joint) > len(body):
+            return list(joint[len(body) :])
+        return list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+    def _check_length(self, n: int) -> None:
+        if self.max_length is not None and n > self.max_length:
+            raise UserError(
+                f"prompt of {n} tokens is longer than the model's context window ({self.max_length})"
+            )
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # ----------------------------------------------------------------- forward passes
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-softmax over the vocabulary of the LM head applied to selected hidden states."""
+        with torch.inference_mode():
+            with self._autocast():
+                logits = self.model.get_output_embeddings()(hidden)
+            logits = logits.float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return torch.log_softmax(logits, dim=-1)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any = None):
+        """Run the decoder (without the LM head, to keep memory small); return last hidden states and cache."""
+        with torch.inference_mode(), self._autocast():
+            out = self.model.base_model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return out.last_hidden_state, out.past_key_values
+
+    def _context_pass(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """Encode right-padded prompts in one batch. Returns the log-probs of the next token after each
+        prompt [B, V], the KV cache, the attention mask [B, L] and the prompt lengths [B]."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p, device=self.device)
+            mask[r, : len(p)] = 1
+        positions = torch.arange(width, device=self.device).expand(len(prompts), -1)
+        hidden, cache = self._forward(ids, mask, positions)
+        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        return self._logprobs(last), cache, mask, lengths
+
+    # ----------------------------------------------------------------- scoring
+    def score_many(
+        self, requests: Sequence[tuple[Context, Sequence[str]]]
+    ) -> Iterator[tuple[int, int, Scored]]:
+        """Exact teacher-forced scores. Each distinct prompt is encoded once; its continuations (one or many
+        tokens) reuse its KV cache. Prompts are batched longest first and results yielded batch by batch."""
+        prompt_of: dict[str, int] = {}
+        prompts: list[list[int]] = []
+        bodies: list[list[int]] = []
+        items: list[tuple[int, int, int, str, list[int]]] = []  # (request, cont index, prompt, text, ids)
+        for r, (context, continuations) in enumerate(requests):
+            text = self.render(context)
+            if text not in prompt_of:
+                prompt_of[text] = len(prompts)
+                prompts.append(self.encode_prompt(context))
+                bodies.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            p = prompt_of[text]
+            for j, cont in enumerate(continuations):
+                cont_ids = self.encode_continuation(text, bodies[p], cont)
+                self._check_length(len(prompts[p]) + len(cont_ids))
+                items.append((r, j, p, cont, cont_ids))
+        by_prompt: dict[int, list[int]] = {}
+        for k, item in enumerate(items):
+            by_prompt.setdefault(item[2], []).append(k)
+        cost = [
+            len(p) + max((len(items[k][4]) for k in by_prompt.get(i, [])), default=0)
+            for i, p in enumerate(prompts)
+        ]
+        order = sorted(by_prompt, key=lambda i: -cost[i])
+        for batch in _batches(order, cost, self.token_budget, self.max_batch):
+            for k, logprobs in self._score_batch(
+                [prompts[i] for i in batch],
+                [[items[k][4] for k in by_prompt[i]] for i in batch],
+                [by_prompt[i] for i in batch],
+            ):
+                r, j, _, cont, cont_ids = items[k]
+                tokens = self.tokenizer.convert_ids_to_tokens(cont_ids)
+                yield r, j, Scored(cont, cont_ids, [self._token_text(t) for t in tokens], logprobs)
+
+    def _token_text(self, token: str) -> str:
+        return self.tokenizer.convert_tokens_to_string([token])
+
+    def _score_batch(
+        self, prompts: list[list[int]], conts: list[list[list[int]]], keys: list[list[int]]
+    ) -> Iterator[tuple[int, list[float]]]:
+        """Score continuations of a batch of prompts: one context pass, then one pass over all continuation
+        tokens (but the last) with the context cache rows repeated, chunked to the token budget."""
+        first, cache, mask, lengths = self._context_pass(prompts)
+        rows: list[tuple[int, int, list[int]]] = []  # (prompt row, key, continuation ids)
+        for b, (cs, ks) in enumerate(zip(conts, keys, strict=True)):
+            for c, k in zip(cs, ks, strict=True):
+                if len(c) == 1:
+                    yield k, [float(first[b, c[0]])]
+                else:
+                    rows.append((b, k, c))
+        if not rows:
+            return
+        width = mask.shape[1]
+        rows.sort(key=lambda x: -len(x[2]))
+        cost = [width + len(c) for _, _, c in rows]
+        for chunk in _batches(range(len(rows)), cost, self.token_budget * 4, self.max_batch * 4):
+            sel = [rows[i] for i in chunk]
+            m = max(len(c) for _, _, c in sel) - 1
+            row_idx = torch.tensor([b for b, _, _ in sel], device=self.device)
+            ids = torch.full((len(sel), m), self.pad_id, dtype=torch.long, device=self.device)
+            cont_mask = torch.zeros((len(sel), m), dtype=torch.long, device=self.device)
+            for i, (_, _, c) in enumerate(sel):
+                ids[i, : len(c) - 1] = torch.tensor(c[:-1], device=self.device)
+                cont_mask[i, : len(c) - 1] = 1
+            full_mask = torch.cat([mask[row_idx], cont_mask], dim=1)
+            positions = lengths[row_idx, None] + torch.arange(m, device=self.device)[None, :]
+            hidden, _ = self._forward(ids, full_mask, positions, _select_rows(cache, row_idx))
+            for i, (b, k, c) in enumerate(sel):
+                lp = self._logprobs(hidden[i, : len(c) - 1])
+                rest = lp.gather(1, torch.tensor(c[1:], device=self.device)[:, None])[:, 0]
+                yield k, [float(first[b, c[0]]), *(float(x) for x in rest)]
+
+    # ----------------------------------------------------------------- distributions
+    def next_token_distributions(
+        self, contexts: Sequence[Context], top_k: int
+    ) -> Iterator[tuple[int, TokenDist]]:
+        """Top-k of the exact next-token distribution after each context, batched."""
+        for i, lp in self.next_token_logprobs(contexts):
+            values, ids = torch.topk(lp, min(top_k, lp.shape[-1]))
+            id_list = [int(x) for x in ids]
+            tokens = [self._token_text(t) for t in self.tokenizer.convert_ids_to_tokens(id_list)]
+            yield i, TokenDist(id_list, tokens, [float(v) for v in values])
+
+    def next_token_logprobs(self, contexts: Sequence[Context]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The full next-token log-probability vector after each context, batched."""
+        prompts = [self.encode_prompt(c) for c in contexts]
+        cost = [len(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -cost[i])
+        for batch in _batches(order, cost, self.token_budget, self.max_batch):
+            lp, _, _, _ = self._context_pass([prompts[i] for i in batch])
+            for row, i in enumerate(batch):
+                yield i, lp[row]
+
+    # ----------------------------------------------------------------- sampling
+    def sample_indices(
+        self, context: Context, indices: Sequence[int], params: SampleParams, batch_size: int = 64
+    ) -> Iterator[Sample]:
+        """Samples with the given indices. The prompt is encoded once; its cache is shared by a batch of
+        samples, each drawn with its own generator seeded from (seed, index).
+
+        Per-sample generators are what `generate` lacks: they make sample i the same whether it is drawn
+        alone or in a batch (up to floating-point differences between batch shapes), so an interrupted run
+        resumes with the samples it is missing."""
+        prompt = self.encode_prompt(context)
+        self._check_length(len(prompt) + params.max_new_tokens)
+        indices = list(indices)
+        if not indices:
+            return
+        first, cache, mask, lengths = self._context_pass([prompt])
+        for start in range(0, len(indices), batch_size):
+            yield from self._sample_batch(
+                indices[start : start + batch_size], params, first, cache, len(prompt)
+            )
+
+    def _sample_batch(
+        self, indices: list[int], params: SampleParams, first: torch.Tensor, cache: Any, plen: int
+    ) -> Iterator[Sample]:
+        n = len(indices)
+        gens = [torch.Generator(device="cpu").manual_seed(_sample_seed(params.seed, i)) for i in indices]
+        cache = _select_rows(cache, torch.zeros(n, dtype=torch.long, device=self.device))
+        logprobs = first.expand(n, -1)
+        alive = list(range(n))  # rows of the current batch -> sample position
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        done: dict[int, Sample] = {}
+        for step in range(params.max_new_tokens):
+            nxt = _draw(logprobs, params, [gens[s] for s in alive])
+            keep: list[int] = []
+            for r, s in enumerate(alive):
+                tok = nxt[r]
+                if tok in self.eos_ids:
+                    done[s] = Sample(indices[s], self._decode(tokens[s]), tokens[s], "eos")
+                    continue
+                tokens[s].append(tok)
+                cut = _first_stop(self._decode(tokens[s]), params.stop) if params.stop else None
+                if cut is not None:
+                    done[s] = Sample(indices[s], self._decode(tokens[s])[:cut], tokens[s], "stop")
+                elif step == params.max_new_tokens - 1:
+                    done[s] = Sample(indices[s], self._decode(tokens[s]), tokens[s], "length")
+                else:
+                    keep.append(r)
+            if not keep:
+                break
+            rows = torch.tensor(keep, device=self.device)
+            if len(keep) < len(alive):
+                cache = _select_rows(cache, rows)
+            alive = [alive[r] for r in keep]
+            ids = torch.tensor([[tokens[s][-1]] for s in alive], device=self.device)
+            pos = plen + step
+            mask = torch.ones((len(alive), pos + 1), dtype=torch.long, device=self.device)
+            positions = torch.full((len(alive), 1), pos, device=self.device)
+            hidden, cache = self._forward(ids, mask, positions, cache)
+            logprobs = self._logprobs(hidden[:, -1])
+        for s in range(n):
+            yield done[s]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return min(cuts) if cuts else None
+
+
+def _draw(logprobs: torch.Tensor, params: SampleParams, gens: Sequence[torch.Generator]) -> list[int]:
+    """One token per row: greedy at temperature 0; else by inverse CDF of the tempered (and nucleus-
+    truncated) distribution, with one uniform draw per row from that row's own generator."""
+    if params.temperature == 0:
+        return [int(x) for x in torch.argmax(logprobs, dim=-1)]
+    probs = torch.softmax(logprobs.double() / params.temperature, dim=-1)
+    order = None
+    if params.top_p < 1.0:
+        probs, order = torch.sort(probs, dim=-1, descending=True)
+        probs = probs * (torch.cumsum(probs, dim=-1) - probs < params.top_p)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens]).to(cdf.device)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+    if order is not None:
+        picked = order.gather(1, picked)
+    return [int(x) for x in picked[:, 0]]

