@@ -1,0 +1,476 @@
+"""Tests of the mutual-value planner: hand-computed games, properties on random trees, files and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from maskscope.errors import UserError
+from maskscope.mutual_value import (
+    Status,
+    analyse,
+    build_space,
+    load_game,
+    parse_game,
+    round_trip,
+    solve,
+)
+from maskscope.mutual_value.cli import mutual_value_command
+from maskscope.mutual_value.solver import successor_q
+
+GAMES = Path(__file__).resolve().parent.parent / "examples" / "games"
+
+# Sell-and-buy: hold 2 X; sell all X for 3 Y each, or hold; then buy X back one for one, or stop.
+SELL_AND_BUY: dict[str, Any] = {
+    "name": "sell-and-buy",
+    "gamma": 0.5,
+    "start": {"node": "a", "x": 2, "y": 0},
+    "nodes": {
+        "a": {
+            "actions": {
+                "sell": {"to": "b", "convert": {"from": "x", "to": "y", "rate": 3}},
+                "hold": {"to": "b"},
+            }
+        },
+        "b": {
+            "actions": {
+                "buy": {"to": "end", "convert": {"from": "y", "to": "x", "rate": 1}},
+                "stop": {"to": "end"},
+            }
+        },
+        "end": {},
+    },
+}
+
+# Tools and bread: invest (X + 1) or consume (Y + 2); then, half the time, each X bakes one Y.
+TOOLS: dict[str, Any] = {
+    "name": "tools",
+    "gamma": 1.0,
+    "start": {"node": "d", "x": 1, "y": 0},
+    "nodes": {
+        "d": {"actions": {"invest": {"to": "e", "add": {"x": 1}}, "consume": {"to": "e", "add": {"y": 2}}}},
+        "e": {
+            "outcomes": [
+                {"p": 0.5, "to": "end", "produce": {"from": "x", "to": "y", "rate": 1}},
+                {"p": 0.5, "to": "end"},
+            ]
+        },
+        "end": {},
+    },
+}
+
+
+def _coin(rate_yx: float) -> dict[str, Any]:
+    """A single coin: heads each X makes 2 Y, tails each Y makes ``rate_yx`` X. Start (1, 1)."""
+    return {
+        "name": "coin",
+        "gamma": 1.0,
+        "start": {"node": "c", "x": 1, "y": 1},
+        "nodes": {
+            "c": {
+                "outcomes": [
+                    {"p": 0.5, "to": "end", "produce": {"from": "x", "to": "y", "rate": 2}},
+                    {"p": 0.5, "to": "end", "produce": {"from": "y", "to": "x", "rate": rate_yx}},
+                ]
+            },
+            "end": {},
+        },
+    }
+
+
+def _state(space: Any, node: str, x: float, y: float) -> int:
+    n = space.game.node_index(node)
+    hits = [s for s in range(space.n_states) if space.node[s] == n and space.x[s] == x and space.y[s] == y]
+    assert len(hits) == 1, (node, x, y)
+    return hits[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hand-computed games
+
+
+def test_sell_and_buy_hand_computed() -> None:
+    # At b every action leads to a terminal state, whose holdings bring nothing: the planner splits 50/50.
+    # Then G_X(b(x, y)) = y/2 and G_Y(b(x, y)) = -y/2. Selling at a(x, y) gives
+    #   G_Y(a) = 3x + 0.5 * (-(y + 3x)/2) = 2.25x - 0.25y,  G_X(a) = -x + 0.5 * (y + 3x)/2 = -0.25x + 0.25y.
+    # a = (G_Y(a(2,0)) - G_Y(a(0,0))) / 2 = 2.25;  b = G_X(a(2,1)) - G_X(a(2,0)) = 0.25 (y starts at
+    # baseline, so its marginal value is that of one unit).
+    # rho = sqrt(a b) = 0.75;  m_X / m_Y = a / rho = 3  ->  m = (0.75, 0.25).
+    # V_X(start) = m_Y * 4.5 / rho = 1.5 = m_X * 2;  V_Y(start) = 0 (y at baseline).
+    # After selling: b(0, 6), V_Y = m_X * B_X / rho = 0.75 * 3 / 0.75 = 3, V_X = 0. After holding: b(2, 0), 0.
+    space = build_space(parse_game(SELL_AND_BUY))
+    r = solve(space)
+    assert r.status == Status.CONVERGED
+    assert r.round_trip.y_per_x == pytest.approx(2.25)
+    assert r.round_trip.x_per_y == pytest.approx(0.25)
+    assert r.gain == pytest.approx(0.75)
+    assert (r.price_x, r.price_y) == pytest.approx((0.75, 0.25))
+    s0 = 0
+    assert r.values_x[s0] == pytest.approx(1.5)
+    assert r.values_y[s0] == pytest.approx(0.0, abs=1e-12)
+    q = {space.choice_label[c]: r.q[c] for c in space.choices(s0)}
+    assert q == pytest.approx({"sell": 3.0, "hold": 0.0})
+    assert r.chosen(s0) == ["sell"]
+    after = _state(space, "b", 0, 6)
+    assert r.values_y[after] == pytest.approx(3.0)
+    assert r.values_x[after] == pytest.approx(0.0, abs=1e-12)
+    assert sorted(r.chosen(after)) == ["buy", "stop"]
+
+
+def test_sell_and_buy_baselines_hand_computed() -> None:
+    # max X+Y: selling gains -2 + 6 = 4 now and buying back changes X+Y by 0; holding gains 0.
+    # max X: sell then buy: -2 + 0.5 * 6 = 1 against 0; at b(0, 6) buy (+6).  max Y: sell (+6), then stop.
+    an = analyse(parse_game(SELL_AND_BUY))
+    space = an.space
+    by_name = {b.name: b for b in an.baselines}
+    s0, after = 0, _state(space, "b", 0, 6)
+    q_xy = {space.choice_label[c]: by_name["x+y"].q[c] for c in space.choices(s0)}
+    assert q_xy == pytest.approx({"sell": 4.0, "hold": 0.0})
+    q_x = {space.choice_label[c]: by_name["x"].q[c] for c in space.choices(s0)}
+    assert q_x == pytest.approx({"sell": 1.0, "hold": 0.0})
+    assert by_name["x"].chosen(space, after) == ["buy"]
+    assert by_name["y"].chosen(space, after) == ["stop"]
+    comps = {c.baseline: c for c in an.comparisons}
+    assert comps["x+y"].differences == []
+    assert [d.state for d in comps["x"].differences] == [after]
+    assert [d.state for d in comps["y"].differences] == [after]
+    assert "indifferent" in comps["x"].differences[0].reason
+
+
+def test_tools_means_to_an_end_is_worth_zero() -> None:
+    # Y never turns into X, so one unit of Y brings b = 0 X, so m_Y = b m_X = 0 and m_X = a m_Y = 0.
+    # Baselines (gamma 1): max X+Y: invest 1 + 0.5 * 2 = 2, consume 2 + 0.5 * 1 = 2.5 -> consume;
+    # max X: invest (1 vs 0); max Y: consume (2.5 vs 1).
+    an = analyse(parse_game(TOOLS))
+    r, space = an.result, an.space
+    assert r.status == Status.ZERO
+    assert r.round_trip.x_per_y == 0.0
+    assert np.all(r.values_x == 0) and np.all(r.values_y == 0)
+    assert sorted(r.chosen(0)) == ["consume", "invest"]
+    by_name = {b.name: b for b in an.baselines}
+    q = {space.choice_label[c]: by_name["x+y"].q[c] for c in space.choices(0)}
+    assert q == pytest.approx({"invest": 2.0, "consume": 2.5})
+    assert by_name["x"].chosen(space, 0) == ["invest"]
+    assert by_name["y"].chosen(space, 0) == ["consume"]
+    assert all(c.first_move_differs for c in an.comparisons)
+
+
+def test_coin_with_unit_round_trip_is_scale_free() -> None:
+    # G_Y(c(x, y)) = 0.5 * 2x = x and G_X(c(x, y)) = 0.5 * 2y = y, so a = b = 1 and rho = 1: the
+    # definition holds exactly, for any multiple of m = (0.5, 0.5). V_X = m_Y * 1 / 1 = 0.5 = V_Y.
+    r = solve(build_space(parse_game(_coin(2.0))))
+    assert r.status == Status.SCALE_FREE
+    assert r.gain == pytest.approx(1.0)
+    assert (r.values_x[0], r.values_y[0]) == pytest.approx((0.5, 0.5))
+
+
+def test_coin_with_destructive_round_trip_oscillates() -> None:
+    # Tails each Y destroys one X: b = 0.5 * -1 = -0.5 while a = 0.5 * 2 = 1, so a b < 0, M has imaginary
+    # eigenvalues and the normalised values rotate for ever.
+    r = solve(build_space(parse_game(_coin(-1.0))), max_iterations=50)
+    assert r.round_trip.y_per_x == pytest.approx(1.0)
+    assert r.round_trip.x_per_y == pytest.approx(-0.5)
+    assert r.status == Status.OSCILLATING
+    assert r.iterations < 50
+
+
+def test_iteration_cap_is_respected() -> None:
+    r = solve(build_space(parse_game(TOOLS)), max_iterations=3)
+    assert r.status == Status.MAX_ITERATIONS
+    assert r.iterations == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random small trees
+
+EFFECTS = st.one_of(
+    st.builds(lambda dx, dy: {"add": {"x": dx, "y": dy}}, st.integers(-1, 2), st.integers(-1, 2)),
+    st.builds(
+        lambda s, r, cap: {"convert": {"from": s, "to": "y" if s == "x" else "x", "rate": r, **cap}},
+        st.sampled_from(["x", "y"]),
+        st.sampled_from([0.5, 1.0, 2.0]),
+        st.sampled_from([{}, {"max": 1}]),
+    ),
+    st.builds(
+        lambda s, t, r: {"produce": {"from": s, "to": t, "rate": r}},
+        st.sampled_from(["x", "y"]),
+        st.sampled_from(["x", "y"]),
+        st.sampled_from([0.5, 1.0]),
+    ),
+)
+
+
+@st.composite
+def random_trees(draw: st.DrawFn, constant_only: bool = False, symmetric: bool = False) -> dict[str, Any]:
+    """A small acyclic game: nodes n0..n{k-1} then a terminal, each move going to a later node."""
+    k = draw(st.integers(1, 4))
+    names = [f"n{i}" for i in range(k)] + ["end"]
+    effects = (
+        st.builds(lambda dx, dy: {"add": {"x": dx, "y": dy}}, st.integers(-1, 2), st.integers(-1, 2))
+        if constant_only
+        else EFFECTS
+    )
+    nodes: dict[str, Any] = {"end": {}}
+    for i in range(k):
+        later = st.sampled_from(names[i + 1 :])
+        if draw(st.booleans()) or symmetric:
+            acts = {}
+            for j in range(draw(st.integers(1, 3))):
+                eff = draw(effects)
+                acts[f"a{j}"] = {"to": draw(later), **eff}
+                if symmetric:
+                    acts[f"a{j}-swapped"] = {"to": acts[f"a{j}"]["to"], **_swap_effect(eff)}
+            nodes[names[i]] = {"actions": acts}
+        else:
+            p = draw(st.sampled_from([0.25, 0.5]))
+            nodes[names[i]] = {
+                "outcomes": [
+                    {"p": p, "to": draw(later), **draw(effects)},
+                    {"p": 1 - p, "to": draw(later), **draw(effects)},
+                ]
+            }
+    x0 = draw(st.integers(0, 2))
+    y0 = x0 if symmetric else draw(st.integers(0, 2))
+    return {
+        "name": "random",
+        "gamma": draw(st.sampled_from([0.5, 0.9, 1.0])),
+        "start": {"node": "n0", "x": x0, "y": y0},
+        "nodes": nodes,
+    }
+
+
+def _swap_effect(eff: dict[str, Any]) -> dict[str, Any]:
+    other = {"x": "y", "y": "x"}
+    out: dict[str, Any] = {}
+    for kind, body in eff.items():
+        if kind == "add":
+            out[kind] = {"x": body["y"], "y": body["x"]}
+        else:
+            out[kind] = {**body, "from": other[body["from"]], "to": other[body["to"]]}
+    return out
+
+
+# MUTUAL_VALUE_EXAMPLES=500 runs a longer search.
+FAST = settings(
+    max_examples=int(os.environ.get("MUTUAL_VALUE_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def _check_status(r: Any) -> None:
+    space = r.space
+    if r.status in (Status.CONVERGED, Status.SCALE_FREE):
+        m = np.array([r.price_x, r.price_y])
+        assert r.gain > 1e-9
+        assert np.allclose(r.round_trip.matrix @ m, r.gain * m, atol=1e-7)
+        assert (abs(r.gain - 1) <= 1e-6) == (r.status == Status.SCALE_FREE)
+        fresh = round_trip(space, r.policy)
+        q = successor_q(space, m[1] * fresh.brought_y, m[0] * fresh.brought_x)
+        assert np.allclose(space.greedy(q), r.policy)
+    elif r.status == Status.ZERO:
+        assert abs(r.round_trip.y_per_x * r.round_trip.x_per_y) <= 1e-9
+        assert np.all(r.values_x == 0) and np.all(r.values_y == 0)
+        assert np.allclose(r.policy, space.uniform_policy())
+    elif r.status == Status.OSCILLATING:
+        assert r.cycle_length is not None or r.round_trip.y_per_x * r.round_trip.x_per_y < 0
+
+
+@FAST
+@given(random_trees())
+def test_solver_terminates_with_a_consistent_status(spec: dict[str, Any]) -> None:
+    r = solve(build_space(parse_game(spec)), max_iterations=60)
+    assert r.iterations <= 60
+    assert r.status in set(Status)
+    assert np.all(np.isfinite(r.values_x)) and np.all(np.isfinite(r.values_y))
+    _check_status(r)
+
+
+@FAST
+@given(random_trees())
+def test_last_moves_are_indifferent(spec: dict[str, Any]) -> None:
+    # Holdings at a terminal state bring nothing, so every move into one is worth zero.
+    space = build_space(parse_game(spec))
+    r = solve(space, max_iterations=60)
+    terminal = np.array([space.game.kinds[n] == "terminal" for n in space.node])
+    for s in range(space.n_states):
+        cs = list(space.choices(s))
+        if space.is_decision(s) and all(terminal[space.edge_dst[space.edge_choice == c]].all() for c in cs):
+            assert len(r.chosen(s)) == len(cs)
+
+
+@FAST
+@given(random_trees(constant_only=True))
+def test_holdings_that_change_nothing_are_worth_zero(spec: dict[str, Any]) -> None:
+    # With only constant effects the future increments do not depend on the amounts held: B_X = B_Y = 0.
+    r = solve(build_space(parse_game(spec)), max_iterations=60)
+    assert r.status == Status.ZERO
+
+
+@FAST
+@given(random_trees(symmetric=True))
+def test_interchangeable_x_and_y_are_worth_the_same(spec: dict[str, Any]) -> None:
+    # Mirrored moves, equal start amounts and baselines: the game is unchanged by renaming X and Y. When
+    # each resource destroys the other (a = b < 0) the only positive-gain solution has m_X = -m_Y, which
+    # no symmetric answer can match; everywhere else the solution is symmetric.
+    r = solve(build_space(parse_game(spec)), max_iterations=60)
+    if r.status == Status.ZERO:
+        assert r.values_x[0] == r.values_y[0] == 0
+    elif r.status in (Status.CONVERGED, Status.SCALE_FREE) and r.round_trip.y_per_x >= 0:
+        assert r.round_trip.y_per_x == pytest.approx(r.round_trip.x_per_y, abs=1e-9)
+        assert r.price_x == pytest.approx(r.price_y, abs=1e-9)
+        assert r.values_x[0] == pytest.approx(r.values_y[0], abs=1e-9)
+
+
+@FAST
+@given(random_trees())
+def test_renaming_x_and_y_swaps_their_values(spec: dict[str, Any]) -> None:
+    game = parse_game(spec)
+    a, b = build_space(game), build_space(game.swapped())
+    ra, rb = solve(a, max_iterations=60), solve(b, max_iterations=60)
+    assert ra.status == rb.status
+    if ra.status in (Status.OSCILLATING, Status.MAX_ITERATIONS):
+        return
+    index_b = {(int(b.node[s]), float(b.x[s]), float(b.y[s])): s for s in range(b.n_states)}
+    for s in range(a.n_states):
+        t = index_b[(int(a.node[s]), float(a.y[s]), float(a.x[s]))]
+        assert ra.values_x[s] == pytest.approx(rb.values_y[t], abs=1e-8)
+        assert ra.values_y[s] == pytest.approx(rb.values_x[t], abs=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shipped games
+
+
+@pytest.mark.parametrize("path", sorted(GAMES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_games_solve(path: Path) -> None:
+    an = analyse(path)
+    assert an.result.status != Status.MAX_ITERATIONS
+    _check_status(an.result)
+    assert {c.baseline for c in an.comparisons} == {"x+y", "x", "y"}
+
+
+def test_shipped_means_game_is_worth_zero() -> None:
+    # Bread never turns back into tools: b = 0, so (as in the tools game) every value is zero.
+    assert analyse(GAMES / "means.yaml").result.status == Status.ZERO
+
+
+def test_at_least_four_shipped_games() -> None:
+    assert {"tradeoff", "means", "cycle", "gamble"} <= {p.stem for p in GAMES.glob("*.yaml")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files and the CLI function
+
+
+def _write(tmp_path: Path, name: str, data: Any) -> Path:
+    path = tmp_path / name
+    path.write_text(
+        data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8"
+    )
+    return path
+
+
+def _bad(data: Any, path: str = "nodes") -> Any:
+    spec = json.loads(json.dumps(SELL_AND_BUY))
+    node = spec
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = data
+    return spec
+
+
+BAD_FILES = [
+    ("syntax.yaml", "name: [unclosed\n", "bad YAML"),
+    ("syntax.json", '{"name": ', "bad JSON"),
+    ("list.yaml", "- 1\n- 2\n", "mapping at the top level"),
+    ("gamma.yaml", _bad(1.5, "gamma"), "gamma"),
+    ("extra.yaml", _bad(3, "colour"), "colour"),
+    ("unknown.yaml", _bad("nowhere", "nodes.a.actions.sell.to"), "unknown node 'nowhere'"),
+    ("start.yaml", _bad("nowhere", "start.node"), "unknown node 'nowhere'"),
+    (
+        "probs.yaml",
+        {**TOOLS, "nodes": {**TOOLS["nodes"], "e": {"outcomes": [{"p": 0.5, "to": "end"}]}}},
+        "sum",
+    ),
+    ("cycle.yaml", _bad("a", "nodes.b.actions.stop.to"), "cycle: a -> b -> a"),
+    (
+        "gamma1.yaml",
+        {**_bad("a", "nodes.b.actions.stop.to"), "structure": "mdp", "gamma": 1.0},
+        "gamma must be below 1",
+    ),
+    (
+        "endless.yaml",
+        {
+            "name": "endless",
+            "structure": "mdp",
+            "gamma": 0.9,
+            "start": {"node": "a"},
+            "nodes": {"a": {"actions": {"grow": {"to": "a", "add": {"x": 1}}}}},
+        },
+        "more than",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "needle"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_game_files_raise_one_line_user_errors(
+    tmp_path: Path, name: str, content: Any, needle: str
+) -> None:
+    path = _write(tmp_path, name, content)
+    with pytest.raises(UserError) as info:
+        mutual_value_command(path, out=tmp_path / "x.png")
+    message = str(info.value)
+    assert "\n" not in message
+    assert needle in message
+    assert str(path) in message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_game_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such game file"):
+        mutual_value_command(tmp_path / "absent.yaml")
+
+
+def test_bad_options_are_user_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path, "ok.yaml", SELL_AND_BUY)
+    with pytest.raises(UserError, match="gamma"):
+        mutual_value_command(path, out=tmp_path / "x.png", gamma=0.0)
+    with pytest.raises(UserError, match="damping"):
+        mutual_value_command(path, out=tmp_path / "x.png", damping=1.5)
+
+
+def test_command_prints_values_and_writes_the_picture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "sell.json", json.dumps(SELL_AND_BUY))
+    monkeypatch.chdir(tmp_path)
+    mutual_value_command(path)
+    picture = tmp_path / "runs" / "mutual-value" / "sell.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "converged" in out
+    assert "sell" in out and "max x+y" in out
+    assert str(Path("runs") / "mutual-value" / "sell.png") in out
+
+
+def test_picture_of_a_cyclic_game(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "market.png"
+    mutual_value_command(GAMES / "market.yaml", out=out, max_iterations=30)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_and_yaml_give_the_same_game(tmp_path: Path) -> None:
+    a = load_game(_write(tmp_path, "g.json", json.dumps(SELL_AND_BUY)))
+    b = load_game(_write(tmp_path, "g.yaml", SELL_AND_BUY))
+    assert a.moves == b.moves and a.start == b.start and math.isclose(a.gamma, b.gamma)
