@@ -474,3 +474,41 @@ def test_json_and_yaml_give_the_same_game(tmp_path: Path) -> None:
     a = load_game(_write(tmp_path, "g.json", json.dumps(SELL_AND_BUY)))
     b = load_game(_write(tmp_path, "g.yaml", SELL_AND_BUY))
     assert a.moves == b.moves and a.start == b.start and math.isclose(a.gamma, b.gamma)
+
+
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.lists(st.integers(0, 2), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(0, 2), max_size=2),
+)
+
+
+def _leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [path] + [p for k, v in node.items() for p in _leaves(v, (*path, k))]
+    if isinstance(node, list):
+        return [path] + [p for i, v in enumerate(node) for p in _leaves(v, (*path, i))]
+    return [path]
+
+
+@FAST
+@given(st.data())
+def test_corrupted_files_give_user_errors_or_solve(data: st.DataObject) -> None:
+    spec = json.loads(json.dumps(TOOLS))
+    for _ in range(data.draw(st.integers(1, 2))):
+        paths = [p for p in _leaves(spec) if p]
+        where = data.draw(st.sampled_from(paths))
+        node = spec
+        for key in where[:-1]:
+            node = node[key]
+        node[where[-1]] = data.draw(JUNK)
+    try:
+        r = solve(build_space(parse_game(spec, "junk.yaml")), max_iterations=20)
+    except UserError as err:
+        assert "\n" not in str(err) and str(err).startswith("junk.yaml: ")
+    else:
+        assert r.iterations <= 20

@@ -94,6 +94,8 @@ def _fmt_names(names: list[str]) -> str:
 def _reason(
     space: StateSpace,
     result: MutualValueResult,
+    vx: np.ndarray,
+    vy: np.ndarray,
     base: BaselineResult,
     s: int,
     planner: list[str],
@@ -101,8 +103,6 @@ def _reason(
 ) -> str:
     cs = list(space.choices(s))
     labels = [space.choice_label[c] for c in cs]
-    vx = space.choice_expectation(result.values_x[space.edge_dst])
-    vy = space.choice_expectation(result.values_y[space.edge_dst])
     p_name = next((n for n in planner if n not in other), planner[0])
     b_name = next((n for n in other if n not in planner), other[0])
     p_c = cs[labels.index(p_name)]
@@ -139,12 +139,14 @@ def compare(result: MutualValueResult, base: BaselineResult) -> Comparison:
     on_path = space.reachable(result.policy) | space.reachable(base.policy)
     states = [s for s in np.flatnonzero(on_path) if space.is_decision(int(s))]
     diffs: list[Difference] = []
+    vx = space.choice_expectation(result.values_x[space.edge_dst])
+    vy = space.choice_expectation(result.values_y[space.edge_dst])
     for s in states:
         s = int(s)
         mine = result.chosen(s)
         theirs = base.chosen(space, s)
         if set(mine) != set(theirs):
-            diffs.append(Difference(s, mine, theirs, _reason(space, result, base, s, mine, theirs)))
+            diffs.append(Difference(s, mine, theirs, _reason(space, result, vx, vy, base, s, mine, theirs)))
     return Comparison(
         baseline=base.name,
         compared=len(states),

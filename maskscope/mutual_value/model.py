@@ -364,15 +364,15 @@ def compile_game(spec: GameSpec, source: str = "<game>") -> Game:
     index = {n: i for i, n in enumerate(names)}
     if spec.start.node not in index:
         raise UserError(f"{source}: start.node: unknown node {spec.start.node!r}")
+    for r, v in zip(RESOURCES, (spec.start.x, spec.start.y), strict=True):
+        if not math.isfinite(v):
+            raise UserError(f"{source}: start.{r} must be a finite number")
     bounds = (spec.bounds.x, spec.bounds.y)
     start = clamp(spec.start.x, spec.start.y, bounds)
     if start != (spec.start.x, spec.start.y):
         raise UserError(
             f"{source}: start amounts ({spec.start.x:g}, {spec.start.y:g}) lie outside the bounds"
         )
-    for r, v in zip(RESOURCES, (spec.start.x, spec.start.y), strict=True):
-        if not math.isfinite(v):
-            raise UserError(f"{source}: start.{r} must be a finite number")
     moves: list[tuple[Edge, ...]] = []
     succ: list[list[int]] = []
     for name, node in spec.nodes.items():
@@ -436,8 +436,16 @@ def parse_game(data: Any, source: str = "<game>") -> Game:
     try:
         spec = GameSpec.model_validate(data)
     except ValidationError as err:
-        raise UserError(f"{source}: {_format_validation_error(err)}") from None
-    return compile_game(spec, source)
+        raise UserError(_one_line(f"{source}: {_format_validation_error(err)}")) from None
+    try:
+        return compile_game(spec, source)
+    except UserError as err:
+        raise UserError(_one_line(str(err))) from None
+
+
+def _one_line(message: str) -> str:
+    """The message with line breaks and other control characters shown escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 def load_game(path: Path | str) -> Game:

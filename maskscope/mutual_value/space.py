@@ -8,6 +8,7 @@ that starts at its baseline.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,8 @@ def build_space(game: Game, max_states: int = DEFAULT_MAX_STATES) -> StateSpace:
     ys: list[float] = []
 
     def get(node: int, x: float, y: float) -> int:
+        if not (math.isfinite(x) and math.isfinite(y) and abs(x) < 1e15 and abs(y) < 1e15):
+            raise UserError(f"{game.source}: amounts grow beyond 1e15 at node {game.node_names[node]!r}")
         k = _key(node, x, y)
         i = index.get(k)
         if i is None:
