@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maskscope.errors import UserError
+from maskscope.mutual_value.cli import mutual_value_command
 
 app = typer.Typer(
     add_completion=False,
@@ -208,6 +209,9 @@ def cache_runs(
                 table.add_row(k[:16], method, "yes" if hit else "no")
         out.print(table)
     out.print("`maskscope cache why KEY` tells why a computed call was not served.")
+
+
+app.command("mutual-value")(mutual_value_command)
 
 
 def main() -> None:

@@ -189,3 +189,14 @@ def test_character_end_to_end_on_the_bundled_model(bundled, tmp_path):
     again = json.loads((out / "summary.json").read_text())
     assert again["run"]["misses"] == 0 and again["run"]["hits"] == summary["run"]["misses"]
     assert again["cells"] == summary["cells"]
+
+
+def test_cli_mutual_value_bad_game_is_one_line(tmp_path):
+    bad = tmp_path / "game.yaml"
+    bad.write_text("states: [unclosed\n")
+    r = _cli("mutual-value", str(bad))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    r = _cli("mutual-value", str(Path(__file__).parent.parent / "examples" / "games" / "tradeoff.yaml"),
+             "--out", str(tmp_path / "tree.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tree.png").stat().st_size > 1000
