@@ -90,7 +90,8 @@ def score(
     """Exact log-probabilities of replies beginning with each continuation."""
     from maskscope.models.registry import load_model
 
-    lm = load_model(model, precision=precision, progress=out.print)
+    with out.status(f"loading {model}"):
+        lm = load_model(model, precision=precision, progress=out.print)
     ctx = _context(system, user, prefill)
     table = Table("continuation", "tokens", "log-prob", "P", title="exact, teacher-forced")
     for s in lm.score(ctx, continuations):
@@ -124,16 +125,18 @@ def sample(
     """Sample replies, batched and reproducible by seed."""
     from maskscope.models.registry import load_model
 
-    lm = load_model(model, precision=precision, progress=out.print)
-    samples = lm.sample(
-        _context(system, user, prefill),
-        n=n,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=stop or (),
-    )
+    with out.status(f"loading {model}"):
+        lm = load_model(model, precision=precision, progress=out.print)
+    with out.status(f"sampling {n} replies"):
+        samples = lm.sample(
+            _context(system, user, prefill),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop or (),
+        )
     for s in samples:
         if as_json:
             print(json.dumps(s.to_json(), ensure_ascii=False))

@@ -146,3 +146,28 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_
     summary = json.loads((killed / "resume" / "summary.json").read_text())
     assert summary["run"]["hits"] == len(partial)
     assert summary["run"]["misses"] == total - len(partial)
+
+
+def test_cache_commands_show_the_parts_that_differ(tiny, tmp_path):
+    db = tmp_path / "s.sqlite"
+    with Store(db) as store:
+        model = CachedModel(tiny, store)
+        store.start_run("first", {})
+        model.sample(CTX, n=1, max_new_tokens=4, seed=1)
+        store.finish_run("first")
+        time.sleep(0.01)
+        store.start_run("second", {})
+        model.sample(CTX, n=1, max_new_tokens=4, seed=1, temperature=0.5)
+        store.finish_run("second")
+        (key, _, served), = store.lookups("second")
+    assert not served
+    runs = subprocess.run(_maskscope("cache", "runs", "second", "--store", str(db)), capture_output=True, text=True)
+    assert runs.returncode == 0 and "0 calls served from the store, 1 computed" in runs.stdout
+    assert key[:16] in runs.stdout
+    why = subprocess.run(_maskscope("cache", "why", key[:10], "--store", str(db)), capture_output=True, text=True)
+    assert why.returncode == 0, why.stderr
+    assert "args.temperature" in why.stdout and "0.5" in why.stdout
+    assert "args.seed" not in why.stdout.split("It was computed")[1]
+    missing = subprocess.run(_maskscope("cache", "why", "ffffffff", "--store", str(db)), capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "0 calls match" in missing.stderr

@@ -258,7 +258,7 @@ class HFModel(ModelAPI):
         width = mask.shape[1]
         rows.sort(key=lambda x: -len(x[2]))
         cost = [width + len(c) for _, _, c in rows]
-        for chunk in _batches(range(len(rows)), cost, self.token_budget * 4, self.max_batch * 4):
+        for chunk in _batches(range(len(rows)), cost, self.token_budget, self.max_batch * 2):
             sel = [rows[i] for i in chunk]
             m = max(len(c) for _, _, c in sel) - 1
             row_idx = torch.tensor([b for b, _, _ in sel], device=self.device)

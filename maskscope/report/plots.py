@@ -60,36 +60,59 @@ def _heatmap(summary: dict[str, Any], path: Path) -> Path:
 
 
 def _category_bars(summary: dict[str, Any], path: Path) -> Path:
-    cells = summary["cells"]
+    """One panel per persona; in each, per pressure, the three category shares with their 95% intervals and
+    the exact target probability as a black tick."""
     cats = list(CATEGORY_COLORS)
-    x = np.arange(len(cells))
+    personas = summary["personas"]
+    pressures = summary["pressures"]
+    cells = {(c["persona"], c["pressure"]): c for c in summary["cells"]}
+    x = np.arange(len(pressures))
     width = 0.8 / len(cats)
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(cells) * 1.6), 4.8))
-    for k, cat in enumerate(cats):
-        rates = np.array([c["sampled"]["categories"][cat]["rate"] or 0.0 for c in cells])
-        lo = np.array([c["sampled"]["categories"][cat]["ci95"][0] for c in cells])
-        hi = np.array([c["sampled"]["categories"][cat]["ci95"][1] for c in cells])
-        err = np.vstack([np.maximum(rates - lo, 0), np.maximum(hi - rates, 0)])
-        ax.bar(
-            x + (k - 1) * width,
-            rates,
-            width,
-            yerr=err,
-            capsize=2,
-            color=CATEGORY_COLORS[cat],
-            label=cat.replace("_", " "),
-        )
-    exact = [c["exact"]["p_target"] for c in cells]
-    ax.scatter(x - width, exact, marker="_", s=120, color="black", zorder=3, label="exact P(target)")
-    ax.set_xticks(
-        x, [f"{c['persona']} / {c['pressure']}" for c in cells], rotation=60, ha="right", fontsize=7
+    fig, axes = plt.subplots(
+        len(personas),
+        1,
+        sharex=True,
+        squeeze=False,
+        figsize=(2.2 + 1.4 * len(pressures), 0.9 + 1.7 * len(personas)),
     )
-    ax.set_ylim(0, 1)
-    n = cells[0]["sampled"]["n"]
-    ax.set_ylabel(f"share of {n} sampled replies (95% Wilson CI)")
-    ax.set_title("Sampled replies by category, per persona / pressure")
-    ax.legend(fontsize=8, ncol=4, loc="upper right")
+    for ax, persona in zip(axes[:, 0], personas, strict=True):
+        row = [cells[(persona["name"], q["name"])] for q in pressures]
+        for k, cat in enumerate(cats):
+            stats = [c["sampled"]["categories"][cat] for c in row]
+            rates = np.array([st["rate"] or 0.0 for st in stats])
+            lo = np.array([st["ci95"][0] for st in stats])
+            hi = np.array([st["ci95"][1] for st in stats])
+            err = np.vstack([np.maximum(rates - lo, 0), np.maximum(hi - rates, 0)])
+            ax.bar(
+                x + (k - 1) * width,
+                rates,
+                width,
+                yerr=err,
+                capsize=2,
+                color=CATEGORY_COLORS[cat],
+                label=cat.replace("_", " "),
+            )
+        exact = [c["exact"]["p_target"] for c in row]
+        ax.scatter(
+            x - width,
+            exact,
+            marker="_",
+            s=150,
+            linewidths=2,
+            color="black",
+            zorder=3,
+            label="exact P(target)",
+        )
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(_label(persona), rotation=0, ha="right", va="center", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(x, [_label(q) for q in pressures], rotation=20, ha="right")
+    n = summary["cells"][0]["sampled"]["n"]
+    axes[0, 0].set_title(f"Sampled replies by category: share of {n} per cell, 95% Wilson intervals")
+    axes[0, 0].legend(
+        fontsize=8, ncol=4, loc="upper left", bbox_to_anchor=(0, 1.45 if len(personas) > 1 else 1.3)
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
