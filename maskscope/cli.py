@@ -229,21 +229,15 @@ def main() -> None:
             "maskscope: interrupted; every finished result is in the store; rerun to resume", file=sys.stderr
         )
         sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            print(f"maskscope: error: {e.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            print(
-                "maskscope: interrupted; every finished result is in the store; rerun to resume",
-                file=sys.stderr,
-            )
-            sys.exit(130)
-        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("maskscope: interrupted; every finished result is in the store; rerun to resume", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors: a missing argument, an unknown command or option
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"maskscope: error: {message} (see maskscope --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

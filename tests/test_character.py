@@ -139,6 +139,10 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path):
     assert r.returncode == 2 and "GGUF file not found" in r.stderr and "Traceback" not in r.stderr
     r = _cli("score", "hi", "no", "--model", "hf:/no/such/dir")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    for usage in (["run"], ["nosuch"], ["run", "x.yaml", "--bogus"]):
+        r = _cli(*usage)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert _cli("--help").returncode == 0
 
 
 @pytest.mark.bundled
