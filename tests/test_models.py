@@ -174,3 +174,20 @@ def test_unknown_model_names_are_user_errors(tmp_path):
         ms.load_model(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(ms.UserError, match="not found"):
         ms.load_model(f"gguf:{tmp_path / 'missing.gguf'}")
+
+
+def test_teacher_forced_distributions_are_the_plain_forward_rows(tiny):
+    """The id-level primitive: shared prefixes, mixed lengths; every distribution row equals the plain
+    forward pass's row at the same position."""
+    a = tiny.encode_prompt(CONTEXTS[0])
+    b = tiny.encode_prompt(CONTEXTS[1])
+    items = [(a, [11, 12, 13, 14]), (a, [15]), (b, [16, 17]), (a, [11, 12])]
+    seen = set()
+    for k, token_lp, dists in tiny.teacher_forced(items, distributions=True):
+        seen.add(k)
+        prefix, cont = items[k]
+        ref = plain_logprobs(tiny, prefix + cont)[len(prefix) - 1 : len(prefix) - 1 + len(cont)]
+        assert dists.shape == ref.shape
+        assert torch.allclose(dists, ref, atol=1e-4)
+        assert torch.allclose(token_lp, ref.gather(1, torch.tensor(cont)[:, None])[:, 0], atol=1e-4)
+    assert seen == {0, 1, 2, 3}

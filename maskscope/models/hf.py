@@ -219,30 +219,47 @@ class HFModel(ModelAPI):
                 cont_ids = self.encode_continuation(text, bodies[p], cont)
                 self._check_length(len(prompts[p]) + len(cont_ids))
                 items.append((r, j, p, cont, cont_ids))
-        by_prompt: dict[int, list[int]] = {}
-        for k, item in enumerate(items):
-            by_prompt.setdefault(item[2], []).append(k)
-        cost = [
-            len(p) + max((len(items[k][4]) for k in by_prompt.get(i, [])), default=0)
-            for i, p in enumerate(prompts)
-        ]
-        order = sorted(by_prompt, key=lambda i: -cost[i])
-        for batch in _batches(order, cost, self.token_budget, self.max_batch):
-            for k, logprobs in self._score_batch(
-                [prompts[i] for i in batch],
-                [[items[k][4] for k in by_prompt[i]] for i in batch],
-                [by_prompt[i] for i in batch],
-            ):
-                r, j, _, cont, cont_ids = items[k]
-                tokens = self.tokenizer.convert_ids_to_tokens(cont_ids)
-                yield r, j, Scored(cont, cont_ids, [self._token_text(t) for t in tokens], logprobs)
+        for k, logprobs, _ in self.teacher_forced([(prompts[p], ids) for _, _, p, _, ids in items]):
+            r, j, _, cont, cont_ids = items[k]
+            tokens = self.tokenizer.convert_ids_to_tokens(cont_ids)
+            yield r, j, Scored(cont, cont_ids, [self._token_text(t) for t in tokens], logprobs.tolist())
 
     def _token_text(self, token: str) -> str:
         return self.tokenizer.convert_tokens_to_string([token])
 
+    def teacher_forced(
+        self, items: Sequence[tuple[Sequence[int], Sequence[int]]], *, distributions: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Teacher-forced log-probabilities of token sequences, at the token-id level.
+
+        For each (prefix ids, continuation ids) item, yields (item index, the log-probability of each
+        continuation token [T], and with `distributions` the full next-token log-probabilities at each
+        continuation position [T, V], else None), batch by batch, in any order. Each distinct prefix is
+        encoded once; its continuations reuse its KV cache."""
+        prefix_of: dict[tuple[int, ...], int] = {}
+        by_prefix: list[list[int]] = []
+        for k, (prefix, cont) in enumerate(items):
+            if not cont:
+                raise UserError("a continuation must have at least one token")
+            self._check_length(len(prefix) + len(cont))
+            p = prefix_of.setdefault(tuple(prefix), len(prefix_of))
+            if p == len(by_prefix):
+                by_prefix.append([])
+            by_prefix[p].append(k)
+        prefixes = list(prefix_of)
+        cost = [len(prefixes[p]) + max(len(items[k][1]) for k in ks) for p, ks in enumerate(by_prefix)]
+        order = sorted(range(len(prefixes)), key=lambda p: -cost[p])
+        for batch in _batches(order, cost, self.token_budget, self.max_batch):
+            yield from self._score_batch(
+                [list(prefixes[p]) for p in batch],
+                [[list(items[k][1]) for k in by_prefix[p]] for p in batch],
+                [by_prefix[p] for p in batch],
+                distributions,
+            )
+
     def _score_batch(
-        self, prompts: list[list[int]], conts: list[list[list[int]]], keys: list[list[int]]
-    ) -> Iterator[tuple[int, list[float]]]:
+        self, prompts: list[list[int]], conts: list[list[list[int]]], keys: list[list[int]], distributions: bool
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """Score continuations of a batch of prompts: one context pass, then one pass over all continuation
         tokens (but the last) with the context cache rows repeated, chunked to the token budget."""
         first, cache, mask, lengths = self._context_pass(prompts)
@@ -250,7 +267,7 @@ class HFModel(ModelAPI):
         for b, (cs, ks) in enumerate(zip(conts, keys, strict=True)):
             for c, k in zip(cs, ks, strict=True):
                 if len(c) == 1:
-                    yield k, [float(first[b, c[0]])]
+                    yield k, first[b, c[:1]], first[b][None] if distributions else None
                 else:
                     rows.append((b, k, c))
         if not rows:
@@ -271,9 +288,9 @@ class HFModel(ModelAPI):
             positions = lengths[row_idx, None] + torch.arange(m, device=self.device)[None, :]
             hidden, _ = self._forward(ids, full_mask, positions, _select_rows(cache, row_idx))
             for i, (b, k, c) in enumerate(sel):
-                lp = self._logprobs(hidden[i, : len(c) - 1])
-                rest = lp.gather(1, torch.tensor(c[1:], device=self.device)[:, None])[:, 0]
-                yield k, [float(first[b, c[0]]), *(float(x) for x in rest)]
+                lp = torch.cat([first[b][None], self._logprobs(hidden[i, : len(c) - 1])])
+                token_lp = lp.gather(1, torch.tensor(c, device=self.device)[:, None])[:, 0]
+                yield k, token_lp, lp if distributions else None
 
     # ----------------------------------------------------------------- distributions
     def next_token_distributions(
