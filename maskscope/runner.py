@@ -10,16 +10,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from maskscope.errors import UserError
+from maskscope.errors import UserError, validation_message
 from maskscope.experiments import EXPERIMENTS, Experiment
 from maskscope.progress import Progress, Silent
-
-
-def _validation_line(e: ValidationError, source: str) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{source}: field '{where}': {err['msg']}{more}"
 
 
 def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
@@ -34,7 +27,7 @@ def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
     try:
         return experiment, experiment.spec.model_validate(data)
     except ValidationError as e:
-        raise UserError(_validation_line(e, source)) from None
+        raise UserError(validation_message(e, source)) from None
 
 
 def load_spec(path: str | Path) -> tuple[Experiment, BaseModel]:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,72 +248,95 @@ class CachedModel(ModelAPI):
         """The key parts of one call."""
         return {"model": self._fingerprint, "method": method, "prompt": prompt, "args": dict(args)}
 
-    def _lookup(self, parts: dict[str, Any]) -> tuple[str, Any | None]:
-        key = call_key(parts)
-        found = self.store.get(key, parts["method"])
-        if found is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return key, found
+    def _through_store(
+        self,
+        method: str,
+        keyed: Sequence[tuple[str, Mapping[str, Any]]],
+        compute: Callable[[list[int]], Iterator[tuple[int, Any]]],
+    ) -> Iterator[tuple[int, Any]]:
+        """The one caching mechanism: item k has key parts (method, prompt, args). Stored items are yielded
+        from the store; `compute(missing item indices)` yields (position in that list, JSON result) for the
+        rest, each stored as soon as it arrives. Exceptions propagate and store nothing."""
+        missing: list[tuple[int, str, dict[str, Any]]] = []
+        for k, (prompt, args) in enumerate(keyed):
+            parts = self.parts(method, prompt, args)
+            key = call_key(parts)
+            found = self.store.get(key, method)
+            if found is None:
+                self.misses += 1
+                missing.append((k, key, parts))
+            else:
+                self.hits += 1
+                yield k, found
+        if missing:
+            for m, result in compute([k for k, _, _ in missing]):
+                k, key, parts = missing[m]
+                self.store.put(key, parts, result)
+                yield k, result
 
     def score_many(
         self, requests: Sequence[tuple[Context, Sequence[str]]]
     ) -> Iterator[tuple[int, int, Scored]]:
         """Scores from the store where present; the rest computed in one batched call, each stored at once."""
-        missing: list[tuple[Context, list[str]]] = []
-        where: list[tuple[int, list[int], list[tuple[str, dict[str, Any]]]]] = []
-        for r, (context, continuations) in enumerate(requests):
-            prompt = self.render(context)
-            todo, keys = [], []
-            for j, cont in enumerate(continuations):
-                parts = self.parts("score", prompt, {"continuation": cont})
-                key, found = self._lookup(parts)
-                if found is None:
-                    todo.append(j)
-                    keys.append((key, parts))
-                else:
-                    yield r, j, Scored.from_json(found)
-            if todo:
-                missing.append((context, [continuations[j] for j in todo]))
-                where.append((r, todo, keys))
-        for m, j, scored in self.inner.score_many(missing):
-            r, todo, keys = where[m]
-            self.store.put(*keys[j], scored.to_json())
-            yield r, todo[j], scored
+        prompts = [self.render(context) for context, _ in requests]
+        flat = [(r, j) for r, (_, conts) in enumerate(requests) for j in range(len(conts))]
+        keyed = [(prompts[r], {"continuation": requests[r][1][j]}) for r, j in flat]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            groups: dict[int, list[int]] = {}
+            for m, k in enumerate(todo):
+                groups.setdefault(flat[k][0], []).append(m)
+            rows = list(groups)
+            regrouped = [(requests[r][0], [requests[r][1][flat[todo[m]][1]] for m in groups[r]]) for r in rows]
+            for g, j, scored in self.inner.score_many(regrouped):
+                yield groups[rows[g]][j], scored.to_json()
+
+        for k, result in self._through_store("score", keyed, compute):
+            yield *flat[k], Scored.from_json(result)
 
     def next_token_distributions(
         self, contexts: Sequence[Context], top_k: int
     ) -> Iterator[tuple[int, TokenDist]]:
         """Top-k distributions from the store where present; the rest computed and stored."""
-        missing: list[tuple[int, str, dict[str, Any]]] = []
-        for i, context in enumerate(contexts):
-            parts = self.parts("next_token_distribution", self.render(context), {"top_k": top_k})
-            key, found = self._lookup(parts)
-            if found is None:
-                missing.append((i, key, parts))
-            else:
-                yield i, TokenDist.from_json(found)
-        for m, dist in self.inner.next_token_distributions([contexts[i] for i, _, _ in missing], top_k):
-            i, key, parts = missing[m]
-            self.store.put(key, parts, dist.to_json())
-            yield i, dist
+        keyed = [(self.render(c), {"top_k": top_k}) for c in contexts]
 
-    def sample_indices(
-        self, context: Context, indices: Sequence[int], params: SampleParams
-    ) -> Iterator[Sample]:
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            for m, dist in self.inner.next_token_distributions([contexts[k] for k in todo], top_k):
+                yield m, dist.to_json()
+
+        for k, result in self._through_store("next_token_distribution", keyed, compute):
+            yield k, TokenDist.from_json(result)
+
+    def sample_indices(self, context: Context, indices: Sequence[int], params: SampleParams) -> Iterator[Sample]:
         """Samples from the store where present; the missing indices drawn in batches, each stored at once."""
+        indices = list(indices)
         prompt = self.render(context)
-        args = params.to_json()
-        missing: dict[int, tuple[str, dict[str, Any]]] = {}
-        for i in indices:
-            parts = self.parts("sample", prompt, {**args, "index": i})
-            key, found = self._lookup(parts)
-            if found is None:
-                missing[i] = (key, parts)
-            else:
-                yield Sample.from_json(found)
-        if missing:
-            for sample in self.inner.sample_indices(context, list(missing), params):
-                self.store.put(*missing[sample.index], sample.to_json())
-                yield sample
+        keyed = [(prompt, {**params.to_json(), "index": i}) for i in indices]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            position = {indices[k]: m for m, k in enumerate(todo)}
+            for sample in self.inner.sample_indices(context, [indices[k] for k in todo], params):
+                yield position[sample.index], sample.to_json()
+
+        for _, result in self._through_store("sample", keyed, compute):
+            yield Sample.from_json(result)
+
+    def token_logprobs(self, items: Sequence[tuple[Context, Sequence[int]]]) -> Iterator[tuple[int, list[float]]]:
+        """Per-token log-probabilities of given token ids after each context, through the store."""
+        keyed = [(self.render(c), {"token_ids": list(ids)}) for c, ids in items]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            yield from self.inner.token_logprobs([items[k] for k in todo])
+
+        yield from self._through_store("token_logprobs", keyed, compute)
+
+    def support_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int], int | Sequence[Sequence[int]]]]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Next-token log-probabilities on a support at each position of given tokens, through the store."""
+        keyed = [(self.render(c), {"token_ids": list(ids), "support": sup}) for c, ids, sup in items]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            yield from self.inner.support_logprobs([items[k] for k in todo])
+
+        yield from self._through_store("support_logprobs", keyed, compute)

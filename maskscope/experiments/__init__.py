@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from maskscope.experiments import character
+from maskscope.experiments import character, posterior
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,17 @@ def _character_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     return character_plots(summary, out_dir)
 
 
+def _posterior_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    from pathlib import Path
+
+    from maskscope.report.plots import posterior_plots
+
+    return [posterior.write_csv(summary, Path(out_dir) / "posterior.csv"), *posterior_plots(summary, out_dir)]
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "character": Experiment(character.CharacterSpec, character.run, _character_plots),
+    "posterior": Experiment(posterior.PosteriorSpec, posterior.run, _posterior_plots),
 }
 
-__all__ = ["EXPERIMENTS", "Experiment", "character"]
+__all__ = ["EXPERIMENTS", "Experiment", "character", "posterior"]

@@ -57,7 +57,7 @@ class HFModel(ModelAPI):
     """
 
     capabilities = frozenset(
-        {"score", "next_token_distribution", "sample", "full_distribution", "activations"}
+        {"score", "next_token_distribution", "sample", "token_logprobs", "support_logprobs", "activations"}
     )
 
     def __init__(
@@ -256,6 +256,33 @@ class HFModel(ModelAPI):
                 [by_prefix[p] for p in batch],
                 distributions,
             )
+
+    def token_logprobs(self, items: Sequence[tuple[Context, Sequence[int]]]) -> Iterator[tuple[int, list[float]]]:
+        """Exact log-probability of each of the given token ids after each context (teacher forcing)."""
+        encoded = [(self.encode_prompt(c), list(ids)) for c, ids in items]
+        for k, token_lp, _ in self.teacher_forced(encoded):
+            yield k, token_lp.tolist()
+
+    def support_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int], int | Sequence[Sequence[int]]]]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """At each position of the given tokens, the exact next-token log-probabilities on a support plus the
+        log-probability of everything outside it (the remainder bucket).
+
+        The support is an int k (this model's own top k at each position) or a list of token-id lists, one
+        per position. Yields (item index, {"support": [[ids]], "logprobs": [[lp..., remainder lp]]})."""
+        encoded = [(self.encode_prompt(c), list(ids)) for c, ids, _ in items]
+        for k, _, dists in self.teacher_forced(encoded, distributions=True):
+            support = items[k][2]
+            if isinstance(support, int):
+                ids = torch.topk(dists, min(support, dists.shape[-1]), dim=-1).indices
+            else:
+                ids = torch.tensor([list(row) for row in support], device=dists.device)
+                if ids.shape[0] != dists.shape[0]:
+                    raise UserError(f"support has {ids.shape[0]} positions, the tokens {dists.shape[0]}")
+            chosen = dists.gather(1, ids)
+            rest = dists.scatter(1, ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
+            yield k, {"support": ids.tolist(), "logprobs": torch.cat([chosen, rest], dim=1).tolist()}
 
     def _score_batch(
         self, prompts: list[list[int]], conts: list[list[list[int]]], keys: list[list[int]], distributions: bool

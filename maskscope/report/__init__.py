@@ -22,9 +22,23 @@ def render_report(summary: dict[str, Any], out_dir: Path) -> Path:
 
     template = _environment().get_template(f"{summary['experiment']}.html")
     cells = {(c["persona"], c["pressure"]): c for c in summary.get("cells", [])}
+    palette = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(summary.get("masks", []))}
     html = template.render(
         s=summary,
         cells=cells,
+        colors=colors,
         spec_yaml=yaml.safe_dump(summary["spec"], sort_keys=False, allow_unicode=True),
         version=__version__,
     )

@@ -116,3 +116,41 @@ def _category_bars(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def posterior_plots(summary: dict[str, Any], out_dir: Path, per_row: int = 40) -> list[Path]:
+    """Two pictures of which mask is speaking, with the transcript's tokens written beneath: the switching
+    model's smoothed posterior (stacked) and the static cumulative posterior (lines)."""
+    rows = summary["tokens"]
+    masks = summary["masks"]
+    colors = plt.get_cmap("tab10" if len(masks) <= 10 else "tab20")(np.arange(len(masks)))
+    paths = []
+    for kind, title in (
+        ("smoothed", "Which mask is speaking (switching model, smoothed posterior)"),
+        ("static", "P(mask | tokens so far), mask fixed for the whole transcript"),
+    ):
+        post = np.array([[r[f"{kind}[{m}]"] for m in masks] for r in rows])
+        n_rows = max(1, math.ceil(len(rows) / per_row))
+        fig, axes = plt.subplots(n_rows, 1, figsize=(14, 2.6 * n_rows + 0.8), squeeze=False)
+        for k, ax in enumerate(axes[:, 0]):
+            lo, hi = k * per_row, min(len(rows), (k + 1) * per_row)
+            x = np.arange(lo, hi)
+            if kind == "smoothed":
+                ax.stackplot(x, post[lo:hi].T, colors=colors, step="mid", labels=masks)
+            else:
+                for m, name in enumerate(masks):
+                    ax.plot(x, post[lo:hi, m], color=colors[m], label=name, drawstyle="steps-mid")
+            ax.set_xlim(lo - 0.5, lo + per_row - 0.5)
+            ax.set_ylim(0, 1)
+            ax.set_xticks(x, [repr(r["token"])[1:-1] for r in rows[lo:hi]], rotation=90, fontsize=8)
+            for sw in summary["switches"][kind]:
+                if lo <= sw["position"] < hi:
+                    ax.axvline(sw["position"] - 0.5, color="black", lw=1, ls="--")
+        axes[0, 0].set_title(title)
+        axes[0, 0].legend(loc="lower left", bbox_to_anchor=(1.0, 0.0), fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"posterior_{kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
