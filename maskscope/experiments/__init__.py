@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from maskscope.experiments import character, posterior
+from maskscope.experiments import character, explain, posterior
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,16 @@ def _posterior_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     return [posterior.write_csv(summary, Path(out_dir) / "posterior.csv"), *posterior_plots(summary, out_dir)]
 
 
+def _explain_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    from maskscope.report.plots import explain_plots
+
+    return explain_plots(summary, out_dir)
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "character": Experiment(character.CharacterSpec, character.run, _character_plots),
     "posterior": Experiment(posterior.PosteriorSpec, posterior.run, _posterior_plots),
+    "explain": Experiment(explain.ExplainSpec, explain.run, _explain_plots),
 }
 
-__all__ = ["EXPERIMENTS", "Experiment", "character", "posterior"]
+__all__ = ["EXPERIMENTS", "Experiment", "character", "explain", "posterior"]
