@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from maskscope.errors import UserError, validation_message
+from maskscope.errors import UserError
+from maskscope.files import read_yaml, validate
 from maskscope.models.base import Conversation, Message
 
 
@@ -98,14 +98,4 @@ class MaskLibrary(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> MaskLibrary:
         """Read a library from a YAML file with a top-level `masks:` list."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"mask library not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise UserError(validation_message(e, str(path))) from None
+        return validate(cls, read_yaml(path, "mask library"), str(path))

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from maskscope.errors import UserError, validation_message
+from maskscope.errors import UserError
 from maskscope.experiments import EXPERIMENTS, Experiment
+from maskscope.files import read_yaml, validate
 from maskscope.progress import Progress, Silent
 
 
@@ -24,24 +24,12 @@ def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
         known = ", ".join(sorted(EXPERIMENTS))
         raise UserError(f"{source}: field 'experiment' must be one of {known}, not {kind!r}")
     experiment = EXPERIMENTS[kind]
-    try:
-        return experiment, experiment.spec.model_validate(data)
-    except ValidationError as e:
-        raise UserError(validation_message(e, source)) from None
+    return experiment, validate(experiment.spec, data, source)
 
 
 def load_spec(path: str | Path) -> tuple[Experiment, BaseModel]:
     """Read and validate a YAML spec file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"spec file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
-    return parse_spec(data, str(path))
+    return parse_spec(read_yaml(path, "spec file"), str(path))
 
 
 def run_spec(

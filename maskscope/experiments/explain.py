@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import minimize
 
 from maskscope.errors import UserError
+from maskscope.experiments.spec import LibrarySpec
 from maskscope.masks import Mask, MaskLibrary, Turn
 from maskscope.models.base import LanguageModel, SampleParams, require
 from maskscope.progress import Progress, Silent
@@ -60,16 +61,10 @@ class Target(BaseModel):
         return Mask(name="target", system=self.system, preamble=self.preamble, few_shot=self.few_shot)
 
 
-class ExplainSpec(BaseModel):
-    """How much of a target's behaviour a mixture of the source's masks explains."""
+class ExplainSpec(LibrarySpec):
+    """How much of a target's behaviour a mixture of the source's masks (`model` is the source) explains."""
 
-    model_config = ConfigDict(extra="forbid")
     experiment: Literal["explain"] = "explain"
-    name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description="The source model.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 is exact; bf16 is faster.")
-    library: str | None = Field(None, description="Path of a mask library YAML (or give `masks` inline).")
-    masks: list[Mask] | None = Field(None, description="Masks given inline instead of a library file.")
     target: Target = Field(description="What is explained.")
     prompts: list[str] = Field(min_length=1, description="User turns the responses answer.")
     samples_per_prompt: int = Field(
@@ -80,20 +75,10 @@ class ExplainSpec(BaseModel):
     seed: int = Field(0, description="Seed of the responses and of the bootstrap.")
     top_k: int = Field(64, ge=0, description="Target's top-k tokens kept per position (0: full vocabulary).")
     bootstrap: int = Field(200, ge=0, le=100_000, description="Bootstrap resamples over prompts.")
-    tol: float = Field(1e-4, gt=0, description="Certified optimality gap (nats per position) the fit must reach.")
+    tol: float = Field(
+        1e-4, gt=0, description="Certified optimality gap (nats per position) the fit must reach."
+    )
     max_iterations: int = Field(500, ge=1, description="Cap on solver iterations.")
-
-    @model_validator(mode="after")
-    def _one_library(self) -> ExplainSpec:
-        if (self.library is None) == (self.masks is None):
-            raise ValueError("give either `library` (a file) or `masks` (inline), not both or neither")
-        return self
-
-    def mask_library(self) -> MaskLibrary:
-        """The library this spec names."""
-        return (
-            MaskLibrary(masks=self.masks) if self.masks is not None else MaskLibrary.load(self.library or "")
-        )
 
 
 def kl_rows(t: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -104,7 +89,12 @@ def kl_rows(t: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def fit_mixture(
-    t: np.ndarray, s: np.ndarray, *, w0: np.ndarray | None = None, tol: float = 1e-4, max_iterations: int = 500
+    t: np.ndarray,
+    s: np.ndarray,
+    *,
+    w0: np.ndarray | None = None,
+    tol: float = 1e-4,
+    max_iterations: int = 500,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Weights w on the simplex minimising sum_n KL(T_n || sum_m w_m S_mn). t: [N, V], s: [M, N, V].
 

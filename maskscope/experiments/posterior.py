@@ -20,43 +20,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from scipy.special import logsumexp
 
 from maskscope.errors import UserError
-from maskscope.masks import Mask, MaskLibrary, Turn
+from maskscope.experiments.spec import LibrarySpec
+from maskscope.masks import MaskLibrary, Turn
 from maskscope.models.base import LanguageModel, require
 from maskscope.progress import Progress, Silent
 
 
-class PosteriorSpec(BaseModel):
+class PosteriorSpec(LibrarySpec):
     """Which mask is speaking in a transcript, token by token."""
 
-    model_config = ConfigDict(extra="forbid")
     experiment: Literal["posterior"] = "posterior"
-    name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 is exact; bf16 is faster.")
-    library: str | None = Field(None, description="Path of a mask library YAML (or give `masks` inline).")
-    masks: list[Mask] | None = Field(None, description="Masks given inline instead of a library file.")
     transcript: list[Turn] = Field(min_length=1, description="The dialogue; its assistant turns are read.")
     switch_rate: float = Field(
         0.01, gt=0, lt=1, description="Per-token probability that the speaker changes."
     )
 
     @model_validator(mode="after")
-    def _one_library(self) -> PosteriorSpec:
-        if (self.library is None) == (self.masks is None):
-            raise ValueError("give either `library` (a file) or `masks` (inline), not both or neither")
+    def _has_reply(self) -> PosteriorSpec:
         if not any(t.role == "assistant" for t in self.transcript):
             raise ValueError("the transcript has no assistant turn to read")
         return self
-
-    def mask_library(self) -> MaskLibrary:
-        """The library this spec names."""
-        if self.masks is not None:
-            return MaskLibrary(masks=self.masks)
-        return MaskLibrary.load(self.library or "")
 
 
 @dataclass

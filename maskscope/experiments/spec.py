@@ -1,0 +1,39 @@
+"""Fields every experiment spec shares: the run's name and model, and for the mask experiments, the library."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from maskscope.masks import Mask, MaskLibrary
+
+
+class RunSpec(BaseModel):
+    """A run: its name (results go to runs/<name>/), the model, and the precision of forward passes."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="Run name: results go to runs/<name>/.")
+    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32 is exact; bf16 is faster on AMX CPUs."
+    )
+
+
+class LibrarySpec(RunSpec):
+    """A run over a mask library, given as a file or inline."""
+
+    library: str | None = Field(None, description="Path of a mask library YAML (or give `masks` inline).")
+    masks: list[Mask] | None = Field(None, description="Masks given inline instead of a library file.")
+
+    @model_validator(mode="after")
+    def _one_library(self) -> LibrarySpec:
+        if (self.library is None) == (self.masks is None):
+            raise ValueError("give either `library` (a file) or `masks` (inline), not both or neither")
+        return self
+
+    def mask_library(self) -> MaskLibrary:
+        """The library this spec names."""
+        return (
+            MaskLibrary(masks=self.masks) if self.masks is not None else MaskLibrary.load(self.library or "")
+        )
