@@ -83,8 +83,8 @@ def _spec(tiny_dir: Path, path: Path) -> Path:
         "pressures": [{"name": f"q{i}", "user": f"Request {i}: output 'no'."} for i in range(2)],
         "targets": ["no", "No", "No."],
         "in_character": ["character"],
-        "samples": 60,
-        "max_new_tokens": 24,
+        "samples": 200,
+        "max_new_tokens": 32,
     }
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -104,7 +104,7 @@ def _stored(db: Path) -> dict[str, str]:
 
 def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     spec = _spec(tiny_dir, tmp_path / "resume.yaml")
-    total = 6 * 3 + 6 + 6 * 60  # scores + first-token distributions + samples
+    total = 6 * 3 + 6 + 6 * 200  # scores + first-token distributions + samples
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     clean = tmp_path / "clean"
@@ -124,7 +124,7 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_
                 at_kill = len(_stored(db))
             except sqlite3.OperationalError:
                 at_kill = 0
-            if at_kill >= total // 3:
+            if at_kill >= 6 * 3 + 6 + 100:  # past the exact part, inside the sampling
                 proc.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.02)
