@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from maskscope.experiments import character, explain, posterior
+from maskscope.experiments import character, cot, explain, posterior
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,17 @@ def _explain_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     return explain_plots(summary, out_dir)
 
 
+def _cot_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    from maskscope.report.reasoning_plots import cot_plots
+
+    return cot_plots(summary, out_dir)
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "character": Experiment(character.CharacterSpec, character.run, _character_plots),
     "posterior": Experiment(posterior.PosteriorSpec, posterior.run, _posterior_plots),
     "explain": Experiment(explain.ExplainSpec, explain.run, _explain_plots),
+    "cot": Experiment(cot.CotSpec, cot.run, _cot_plots),
 }
 
-__all__ = ["EXPERIMENTS", "Experiment", "character", "explain", "posterior"]
+__all__ = ["EXPERIMENTS", "Experiment", "character", "cot", "explain", "posterior"]
