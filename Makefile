@@ -33,6 +33,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PIP) install --quiet 'lm-eval==0.4.13'
 	$(PY) bench/score_prefix.py
+	$(PY) bench/sample_batch.py
+	$(PY) bench/load_and_memory.py
+	$(PY) bench/masks.py
 
 clean:
 	rm -rf $(VENV) runs
