@@ -361,6 +361,20 @@ def direct_prompt(problem: Problem) -> str:
     return f"{problem.question}\nGive only the final answer, as {answer_format(problem)}"
 
 
+def turns(
+    problem: Problem, exemplars: Sequence[Problem] = (), *, style: Literal["cot", "direct"] = "cot"
+) -> list[Message]:
+    """Each worked example as a user turn and the assistant's reply (its solution for "cot", the bare answer
+    for "direct"), then the problem as the last user turn."""
+    ask = cot_prompt if style == "cot" else direct_prompt
+    messages: list[Message] = []
+    for ex in exemplars:
+        reply = ex.solution if style == "cot" and ex.solution else f"The answer is {ex.answer}."
+        messages += [Message("user", ask(ex)), Message("assistant", reply)]
+    messages.append(Message("user", ask(problem)))
+    return messages
+
+
 def conversation(
     problem: Problem,
     exemplars: Sequence[Problem] = (),
@@ -369,17 +383,9 @@ def conversation(
     style: Literal["cot", "direct"] = "cot",
     prefill: str = "",
 ) -> Conversation:
-    """The chat for a problem: an optional system prompt, each worked example as a user turn and the
-    assistant's reply (its solution for "cot", the bare answer for "direct"), then the problem."""
-    ask = cot_prompt if style == "cot" else direct_prompt
-    messages: list[Message] = []
-    if system is not None:
-        messages.append(Message("system", system))
-    for ex in exemplars:
-        reply = ex.solution if style == "cot" and ex.solution else f"The answer is {ex.answer}."
-        messages += [Message("user", ask(ex)), Message("assistant", reply)]
-    messages.append(Message("user", ask(problem)))
-    return Conversation(tuple(messages), prefill)
+    """The chat for a problem: an optional system prompt, then `turns` (worked examples and the problem)."""
+    head = [Message("system", system)] if system is not None else []
+    return Conversation(tuple(head + turns(problem, exemplars, style=style)), prefill)
 
 
 ANSWER_MARKER = re.compile(r"answer\s+is\b\s*[:=]?\s*", re.IGNORECASE)

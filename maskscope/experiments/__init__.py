@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from maskscope.experiments import character, cot, explain, posterior
+from maskscope.experiments import capabilities, character, cot, explain, posterior, prefill
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,18 @@ def _explain_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     return explain_plots(summary, out_dir)
 
 
+def _capabilities_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    from maskscope.report.reasoning_plots import capabilities_plots
+
+    return capabilities_plots(summary, out_dir)
+
+
+def _prefill_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    from maskscope.report.reasoning_plots import prefill_plots
+
+    return prefill_plots(summary, out_dir)
+
+
 def _cot_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     from maskscope.report.reasoning_plots import cot_plots
 
@@ -50,6 +62,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "posterior": Experiment(posterior.PosteriorSpec, posterior.run, _posterior_plots),
     "explain": Experiment(explain.ExplainSpec, explain.run, _explain_plots),
     "cot": Experiment(cot.CotSpec, cot.run, _cot_plots),
+    "capabilities": Experiment(capabilities.CapabilitiesSpec, capabilities.run, _capabilities_plots),
+    "prefill": Experiment(prefill.PrefillSpec, prefill.run, _prefill_plots),
 }
 
-__all__ = ["EXPERIMENTS", "Experiment", "character", "cot", "explain", "posterior"]
+__all__ = ["EXPERIMENTS", "Experiment", "capabilities", "character", "cot", "explain", "posterior", "prefill"]

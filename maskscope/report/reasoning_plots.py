@@ -98,7 +98,7 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     the right answer (bootstrap interval), with the chance level where the answer set is small."""
     out_dir = Path(out_dir)
     paths = []
-    masks = summary["masks"]
+    masks = summary["mask_defs"]
     for task in summary["tasks"]:
         fig, ax = plt.subplots(figsize=(2.5 + 1.3 * len(masks), 4.5))
         x = np.arange(len(masks))
@@ -109,7 +109,10 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         err = np.vstack(
             [rate - np.array([a["ci95"][0] for a in acc]), np.array([a["ci95"][1] for a in acc]) - rate]
         )
-        ax.bar(x - width / 2, rate, width, yerr=err, capsize=3, color="#2e86c1", label="accuracy (sampled)")
+        kind = "greedy" if summary["spec"]["temperature"] == 0 else "sampled"
+        ax.bar(
+            x - width / 2, rate, width, yerr=err, capsize=3, color="#2e86c1", label=f"replies right ({kind})"
+        )
         pc = [r["exact"]["p_correct"] for r in rows]
         mean = np.array([p["mean"] if p["mean"] is not None else np.nan for p in pc])
         lo = np.array([p["ci95"][0] if p.get("ci95") else np.nan for p in pc])
