@@ -1,6 +1,7 @@
 """Benchmark of the mask experiments against the naive way, on the bundled model, in one run.
 
-- posterior: a ~300-token transcript read under 8 masks (the naive side on 2 of them, the same 2 timed for maskscope). maskscope: one teacher-forced pass per mask (the mask's
+- posterior: a ~300-token transcript read under 8 masks (the naive side on 2 of them, the same 2 timed for maskscope).
+  maskscope: one teacher-forced pass per mask (the mask's
   prompt encoded once, its KV cache reused for the transcript). Naive: for every position, one forward pass over
   prompt + transcript so far, reading the last position only (no cache, no prefix reuse).
 - explain: the distributions an `explain` fit needs on 20 prompts x 40 positions (target + 8 masks + no mask).
