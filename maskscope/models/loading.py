@@ -98,10 +98,10 @@ def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
     _quiet(transformers)
     if progress is not None:
         progress(f"dequantizing {gguf.name} once (cached in {target})")
-    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    where, name = str(gguf.parent), gguf.name
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
     # A dequantized model no longer needs the GGUF quantizer: drop it so that the config loads as plain fp32.
@@ -150,9 +150,8 @@ def load_hf_dir(
     torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True, dtype=torch_dtype
-        )
+        path = str(directory)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from e
     if device:
