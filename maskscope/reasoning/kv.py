@@ -185,11 +185,12 @@ def run_rows(
         hidden, cache, mask = _extend(hf, cache, mask, cuts, [r.suffix for r in rows])
         last = first.clone()
         for i, r in enumerate(rows):
-            if r.suffix:
+            if r.suffix and keep_logprobs:
                 after = hf._logprobs(hidden[i, : len(r.suffix)])
                 last[i] = after[-1]
-                if keep_logprobs:
-                    lps[i] = torch.cat([first[i][None], after])
+                lps[i] = torch.cat([first[i][None], after])
+            elif r.suffix:
+                last[i] = hf._logprobs(hidden[i, len(r.suffix) - 1])
     next_pos = cuts + torch.tensor([len(r.suffix) for r in rows], device=dev)
     branches = _branches(hf, rows, cache, mask, next_pos, last)
     generated = _decode(hf, rows, cache, mask, next_pos, last)
