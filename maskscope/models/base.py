@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -170,6 +171,12 @@ class SampleParams:
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a run seeded with `seed`: a hash, so samples never share a stream and
+    sample i is the same whichever batch or request draws it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ seeded sampling. Runs on CPU or GPU."""
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,13 +12,14 @@ import torch
 from maskscope.errors import UserError
 from maskscope.models.base import (
     Context,
-    Conversation,
     ModelAPI,
     Sample,
     SampleParams,
     Scored,
     TokenDist,
+    sample_seed,
 )
+from maskscope.models.chat import ChatTokenizer
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -48,7 +48,7 @@ def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
     return new
 
 
-class HFModel(ModelAPI):
+class HFModel(ChatTokenizer, ModelAPI):
     """A transformers causal LM and its tokenizer behind the LanguageModel protocol.
 
     `precision="bf16"` holds the weights (and so the KV cache) in bfloat16, which CPUs with AMX multiply
@@ -74,14 +74,15 @@ class HFModel(ModelAPI):
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.model = (model.to(torch.bfloat16) if precision == "bf16" else model).eval()
-        self.tokenizer = tokenizer
+        ChatTokenizer.__init__(
+            self, tokenizer, int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        )
         self.name = name
         self.weights_digest = weights_digest
         self.precision = precision
         self.token_budget = token_budget
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
-        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -89,61 +90,15 @@ class HFModel(ModelAPI):
     # ----------------------------------------------------------------- identity and rendering
     def fingerprint(self) -> dict[str, Any]:
         """Weights hash, dtype and precision; adapters and steering add their own parts."""
-        template = getattr(self.tokenizer, "chat_template", None) or ""
         return {
             "backend": "hf",
             "weights": self.weights_digest,
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "precision": self.precision,
-            "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16],
+            "chat_template": self.template_digest(),
             "adapter": None,
             "steering": None,
         }
-
-    def render(self, context: Context) -> str:
-        """The prompt text: the chat template with the generation prompt, then the prefill verbatim.
-
-        A raw string is used as it is (no template), for base models and hand-made prompts."""
-        ctx = Conversation.coerce(context)
-        if isinstance(ctx, str):
-            return ctx
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            # No template: a plain transcript, the convention of base-model evaluation.
-            lines = [f"{m.role.capitalize()}: {m.content}" for m in ctx.messages]
-            return "\n\n".join([*lines, "Assistant: "]) + ctx.prefill
-        messages = [{"role": m.role, "content": m.content} for m in ctx.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + ctx.prefill
-
-    def encode_prompt(self, context: Context) -> list[int]:
-        """Token ids of the rendered prompt. Templated prompts carry their own special tokens."""
-        ctx = Conversation.coerce(context)
-        text = self.render(ctx)
-        ids = self.tokenizer(text, add_special_tokens=isinstance(ctx, str))["input_ids"]
-        if not ids:
-            raise UserError("the prompt is empty")
-        self._check_length(len(ids))
-        return list(ids)
-
-    def encode_continuation(self, prompt_text: str, body: list[int], continuation: str) -> list[int]:
-        """Token ids of a continuation as the tokenizer splits it after the prompt.
-
-        The prompt and continuation are tokenized together; when that keeps the prompt's tokens intact, the
-        continuation's tokens are the rest. When a token would straddle the boundary, the continuation is
-        tokenized on its own (the prompt's tokens stay as the model saw them). `body` is the prompt's
-        tokens without special tokens added by the tokenizer."""
-        if not continuation:
-            raise UserError("a continuation must not be empty")
-        joint = self.tokenizer(prompt_text + continuation, add_special_tokens=False)["input_ids"]
-        if joint[: len(body)] == body and len(joint) > len(body):
-            return list(joint[len(body) :])
-        return list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
-
-    def _check_length(self, n: int) -> None:
-        if self.max_length is not None and n > self.max_length:
-            raise UserError(
-                f"prompt of {n} tokens is longer than the model's context window ({self.max_length})"
-            )
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -197,28 +152,10 @@ class HFModel(ModelAPI):
     ) -> Iterator[tuple[int, int, Scored]]:
         """Exact teacher-forced scores. Each distinct prompt is encoded once; its continuations (one or many
         tokens) reuse its KV cache. Prompts are batched longest first and results yielded batch by batch."""
-        prompt_of: dict[str, int] = {}
-        prompts: list[list[int]] = []
-        bodies: list[list[int]] = []
-        items: list[tuple[int, int, int, str, list[int]]] = []  # (request, cont index, prompt, text, ids)
-        for r, (context, continuations) in enumerate(requests):
-            text = self.render(context)
-            if text not in prompt_of:
-                prompt_of[text] = len(prompts)
-                prompts.append(self.encode_prompt(context))
-                bodies.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            p = prompt_of[text]
-            for j, cont in enumerate(continuations):
-                cont_ids = self.encode_continuation(text, bodies[p], cont)
-                self._check_length(len(prompts[p]) + len(cont_ids))
-                items.append((r, j, p, cont, cont_ids))
+        prompts, items = self.encode_requests(requests)
         for k, logprobs, _ in self.teacher_forced([(prompts[p], ids) for _, _, p, _, ids in items]):
             r, j, _, cont, cont_ids = items[k]
-            tokens = self.tokenizer.convert_ids_to_tokens(cont_ids)
-            yield r, j, Scored(cont, cont_ids, [self._token_text(t) for t in tokens], logprobs.tolist())
-
-    def _token_text(self, token: str) -> str:
-        return self.tokenizer.convert_tokens_to_string([token])
+            yield r, j, Scored(cont, cont_ids, self.token_texts(cont_ids), logprobs.tolist())
 
     def teacher_forced(
         self, items: Sequence[tuple[Sequence[int], Sequence[int]]], *, distributions: bool = False
@@ -250,7 +187,9 @@ class HFModel(ModelAPI):
                 distributions,
             )
 
-    def token_logprobs(self, items: Sequence[tuple[Context, Sequence[int]]]) -> Iterator[tuple[int, list[float]]]:
+    def token_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, list[float]]]:
         """Exact log-probability of each of the given token ids after each context (teacher forcing)."""
         encoded = [(self.encode_prompt(c), list(ids)) for c, ids in items]
         for k, token_lp, _ in self.teacher_forced(encoded):
@@ -278,7 +217,11 @@ class HFModel(ModelAPI):
             yield k, {"support": ids.tolist(), "logprobs": torch.cat([chosen, rest], dim=1).tolist()}
 
     def _score_batch(
-        self, prompts: list[list[int]], conts: list[list[list[int]]], keys: list[list[int]], distributions: bool
+        self,
+        prompts: list[list[int]],
+        conts: list[list[list[int]]],
+        keys: list[list[int]],
+        distributions: bool,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """Score continuations of a batch of prompts: one context pass, then one pass over all continuation
         tokens (but the last) with the context cache rows repeated, chunked to the token budget."""
@@ -320,8 +263,7 @@ class HFModel(ModelAPI):
         for i, lp in self.next_token_logprobs(contexts):
             values, ids = torch.topk(lp, min(top_k, lp.shape[-1]))
             id_list = [int(x) for x in ids]
-            tokens = [self._token_text(t) for t in self.tokenizer.convert_ids_to_tokens(id_list)]
-            yield i, TokenDist(id_list, tokens, [float(v) for v in values])
+            yield i, TokenDist(id_list, self.token_texts(id_list), [float(v) for v in values])
 
     def next_token_logprobs(self, contexts: Sequence[Context]) -> Iterator[tuple[int, torch.Tensor]]:
         """The full next-token log-probability vector after each context, batched."""
@@ -358,7 +300,7 @@ class HFModel(ModelAPI):
         self, indices: list[int], params: SampleParams, first: torch.Tensor, cache: Any, plen: int
     ) -> Iterator[Sample]:
         n = len(indices)
-        gens = [torch.Generator(device="cpu").manual_seed(_sample_seed(params.seed, i)) for i in indices]
+        gens = [torch.Generator(device="cpu").manual_seed(sample_seed(params.seed, i)) for i in indices]
         cache = _select_rows(cache, torch.zeros(n, dtype=torch.long, device=self.device))
         logprobs = first.expand(n, -1)
         alive = list(range(n))  # rows of the current batch -> sample position
@@ -397,10 +339,6 @@ class HFModel(ModelAPI):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from maskscope.errors import UserError
-from maskscope.models.base import SampleParams
-from maskscope.models.hf import HFModel, _draw, _first_stop, _sample_seed, _select_rows
+from maskscope.models.base import SampleParams, sample_seed
+from maskscope.models.hf import HFModel, _draw, _first_stop, _select_rows
 
 
 def as_hf(model: Any, what: str) -> HFModel:
@@ -256,7 +256,7 @@ def _decode(
         sel = torch.tensor(members, device=dev)
         cache, mask, next_pos, logprobs = _select_rows(cache, sel), mask[sel], next_pos[sel], logprobs[sel]
     gens = {
-        i: torch.Generator(device="cpu").manual_seed(_sample_seed(rows[i].seed, rows[i].index))
+        i: torch.Generator(device="cpu").manual_seed(sample_seed(rows[i].seed, rows[i].index))
         for i in members
     }
     tokens: dict[int, list[int]] = {i: [] for i in members}
