@@ -9,13 +9,14 @@ every mask x problem:
 - sampled: replies with reasoning (greedy at temperature 0, the default), their answers read and checked.
 
 A mask that answers wrongly on purpose is a negative control: its replies should be wrong, and where the
-answer set is small, being wrong far more often than chance means the model still computes the right answer
-behind the mask. The plain assistant (no mask) is the reference the others are compared with, problem by
-problem.
+answer set is small, being wrong more often than any answer that ignores the question would be (the rarest
+right answer, given every time) means the model still computes the right answer behind the mask. The plain
+assistant (no mask) is the reference the others are compared with, problem by problem.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,7 +27,7 @@ from maskscope.reasoning.answers import forced_job, read_forced
 from maskscope.reasoning.jobs import ContinueJob, Jobs
 from maskscope.reasoning.metrics import mean_ci, rate_ci
 from maskscope.reasoning.text import slug
-from maskscope.tasks import TaskSpec, extract_answer, is_correct, load_tasks, turns
+from maskscope.tasks import Problem, TaskSpec, extract_answer, is_correct, load_tasks, turns
 
 
 class CapabilityMask(Mask):
@@ -81,6 +82,24 @@ class CapabilitiesSpec(BaseModel):
         return self
 
 
+def answer_shares(problems: Sequence[Problem]) -> dict[str, float] | None:
+    """Where the answer set is small: the share of problems whose right answer is each choice."""
+    first = problems[0]
+    if not first.choices:
+        return None
+    return {c: sum(p.answer == c for p in problems) / len(problems) for c in first.choices}
+
+
+def reliably_wrong(flags: Sequence[bool], shares: dict[str, float] | None) -> bool:
+    """Whether answers are right less often than any rule that ignores the question could manage: the
+    Wilson interval's upper end is below the share of the rarest right answer (what giving that answer every
+    time scores; 1 / number of choices on a balanced set). A model that always says "True" on a set where
+    one third of the answers are True scores one third without being wrong on purpose; it is not counted."""
+    if shares is None or not flags:
+        return False
+    return rate_ci(list(flags))["ci95"][1] < min(shares.values())
+
+
 def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) -> dict[str, Any]:
     """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict."""
     progress = progress or Silent()
@@ -120,6 +139,7 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
     for ts in task_sets:
         first = ts.problems[0]
         chance = 1 / len(first.choices) if first.choices else None
+        shares = answer_shares(ts.problems)
         per_mask: dict[str, dict[str, Any]] = {}
         exact_by_mask: dict[str, list[float]] = {}
         for mask in spec.masks:
@@ -136,16 +156,16 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
                     "p_answer_set": mean_ci([sum(r["p"].values()) for r in read], **ci)
                     if first.choices
                     else None,
-                    "below_chance": chance is not None and accuracy_exact["ci95"][1] < chance,
+                    "reliably_wrong": reliably_wrong([r["correct"] for r in read], shares),
                 },
                 "sampled": {
                     "accuracy": rate_ci([r["correct"] for r in flat]),
                     "accuracy_over_problems": mean_ci(per_problem, **ci),
                     "format_followed": rate_ci([r["how"] == "marker" for r in flat]),
                     "accuracy_answered": rate_ci([r["correct"] for r in flat if r["answer"] is not None]),
-                    "below_chance": chance is not None
-                    and any(r["answer"] is not None for r in flat)
-                    and rate_ci([r["correct"] for r in flat if r["answer"] is not None])["ci95"][1] < chance,
+                    "reliably_wrong": reliably_wrong(
+                        [r["correct"] for r in flat if r["answer"] is not None], shares
+                    ),
                 },
                 "examples": [
                     {
@@ -168,6 +188,7 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
                 "n": len(ts.problems),
                 "answer_type": first.answer_type,
                 "chance": chance,
+                "answer_shares": shares,
                 "shots": len(ts.exemplars),
                 "by_mask": per_mask,
             }
@@ -207,9 +228,11 @@ DEFINITIONS = {
         "answer is read after the last 'answer is' (else the last number / True-False word). Share right, "
         "Wilson 95% interval over replies; accuracy_over_problems averages per problem (bootstrap)."
     ),
-    "below_chance": (
-        "Where the answer set is small: the upper end of the accuracy interval is below chance (1 / number of "
-        "answers); for replies, among those that give an answer (accuracy_answered). Being reliably wrong "
-        "needs the right answer: the model computes it and the mask hides it."
+    "reliably_wrong": (
+        "Where the answer set is small: the upper end of the accuracy interval is below the share of the "
+        "rarest right answer, what giving that one answer every time would score (1 / number of answers on a "
+        "balanced set; the sets are drawn at random, so the shares are given). No rule that ignores the "
+        "question can be reliably worse, so being reliably wrong needs the right answer: the model computes "
+        "it and the mask hides it. For replies, among those that give an answer (accuracy_answered)."
     ),
 }

@@ -44,6 +44,7 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = []
     for task in summary["tasks"]:
         fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+        fillers = [name for name in task["conditions"] if name.startswith("filler")]
         for ax, (metric, title, ylim) in zip(axes.flat, PANELS, strict=True):
             for name, cond in task["conditions"].items():
                 mean, lo, hi = _series(cond["curves"][metric])
@@ -53,11 +54,15 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
                 ok = ~np.isnan(mean)
                 style = "--" if cond.get("interpolated") else "-"
                 label = f"{name} (step fn.)" if cond.get("interpolated") else name
+                # fillers often coincide (with each other and the baseline): nudge their markers sideways
+                # and draw the later ones thinner, so that every one stays visible
+                nth = fillers.index(name) if name in fillers else None
+                shift = 0.0 if nth is None else 1.6 * (nth - (len(fillers) - 1) / 2)
                 if ok.sum() == 1 or (
                     name.startswith("filler") and metric in ("free_correct", "further_tokens")
                 ):
                     ax.errorbar(
-                        grid[ok],
+                        grid[ok] + shift,
                         mean[ok],
                         yerr=np.vstack([mean[ok] - lo[ok], hi[ok] - mean[ok]]),
                         fmt="s",
@@ -66,7 +71,17 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
                         label=label,
                     )
                 else:
-                    ax.plot(grid[ok], mean[ok], style, marker="o", ms=3, color=color, label=label)
+                    width = 1.5 if nth is None else 3.0 - 1.2 * nth
+                    ax.plot(
+                        grid[ok],
+                        mean[ok],
+                        style,
+                        marker="o",
+                        ms=3,
+                        lw=max(width, 0.8),
+                        color=color,
+                        label=label,
+                    )
                     band = ok & ~np.isnan(lo)
                     ax.fill_between(grid[band], lo[band], hi[band], color=color, alpha=0.12, linewidth=0)
             base = task["no_cot"][metric]["mean"]
@@ -95,7 +110,8 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """One figure per task: per mask, sampled accuracy (Wilson interval) and the exact mean probability of
-    the right answer (bootstrap interval), with the chance level where the answer set is small."""
+    the right answer (bootstrap interval); where the answer set is small, the chance level and the range
+    that giving one answer every time scores on this set."""
     out_dir = Path(out_dir)
     paths = []
     masks = summary["mask_defs"]
@@ -128,8 +144,17 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         )
         if task.get("chance") is not None:
             ax.axhline(task["chance"], color="black", linestyle=":", label="chance")
-        ax.set_xticks(x, [f"{m['name']} (control)" if m.get("control") else m["name"] for m in masks])
-        ax.tick_params(axis="x", rotation=20)
+        shares = task.get("answer_shares")
+        if shares:
+            ax.axhspan(
+                min(shares.values()),
+                max(shares.values()),
+                color="black",
+                alpha=0.08,
+                label="one answer every time (rarest to commonest)",
+            )
+        labels = [f"{m['name']} (control)" if m.get("control") else m["name"] for m in masks]
+        ax.set_xticks(x, labels, rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("share / probability")
         ax.set_title(f"{task['label']}: capability by mask (n={task['n']})", fontsize=10)
