@@ -184,6 +184,10 @@ def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.bar(x, mean, 0.6, yerr=np.vstack([mean - lo, hi - mean]), capsize=3, color="#8e44ad")
     ax.set_xticks(x, [q["name"] for q in prefills], rotation=20, ha="right")
     ax.set_ylabel("mean exact P(next words are a marker)")
+    positive = mean[np.isfinite(mean) & (mean > 0)]
+    if len(positive) > 1 and positive.max() > 30 * positive.min():  # bars orders of magnitude apart
+        ax.set_yscale("log")
+        ax.set_ylabel("mean exact P(next words are a marker), log scale")
     ax.set_title("Self-correction markers right after the prefill (exact)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax = axes[0, 1]
