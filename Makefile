@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+SERVER_STAMP := $(VENV)/.server-installed
 
 .PHONY: demo test lint bench clean
 
@@ -23,7 +24,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/maskscope run examples/shutdown.yaml
 
-test: $(STAMP)
+# llama.cpp's OpenAI-compatible server, for the tests of the openai backend (they start it on loopback with
+# the bundled GGUF). It compiles from source (a few minutes on 2 cores; pip caches the wheel). The native build
+# (-march=native) of 0.3.36 crashes in decode on some CPUs; the portable build works everywhere.
+$(SERVER_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $(SERVER_STAMP)
+
+test: $(STAMP) $(SERVER_STAMP)
 	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)

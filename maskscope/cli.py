@@ -26,13 +26,31 @@ cache_app = typer.Typer(
 app.add_typer(cache_app, name="cache")
 out = Console()
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help='"default" (bundled), "hf:DIR" or "gguf:FILE".')]
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help='"default" (bundled), "hf:DIR", "gguf:FILE" or "openai:URL#MODEL".'),
+]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help='openai:URL#MODEL only: the served model\'s tokenizer ("default", "hf:DIR", "gguf:FILE").'
+    ),
+]
+ConcurrencyOpt = Annotated[int, typer.Option(help="openai:URL#MODEL only: requests in flight at most.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt (the mask).")]
 PrefillOpt = Annotated[
     str, typer.Option("--prefill", help="Text the assistant's reply is forced to begin with.")
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact) or bf16 (faster on AMX CPUs).")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="The SQLite store.")]
+
+
+def _load(model: str, precision: str, tokenizer: str | None, concurrency: int):  # noqa: ANN202
+    from maskscope.models.registry import load_model
+
+    server = {"tokenizer": tokenizer, "concurrency": concurrency} if model.startswith("openai:") else None
+    with out.status(f"loading {model}"):
+        return load_model(model, precision=precision, progress=out.print, server=server)
 
 
 def _context(system: str | None, user: str, prefill: str):  # noqa: ANN202
@@ -61,10 +79,23 @@ def run(
 
 
 @app.command()
-def models() -> None:
-    """List the model names maskscope understands, and whether the bundled model is installed."""
+def models(
+    model: Annotated[
+        str | None, typer.Argument(help="A model to load and describe (e.g. openai:URL#MODEL).")
+    ] = None,
+    tokenizer: TokenizerOpt = None,
+) -> None:
+    """List the model names maskscope understands and whether the bundled model is installed; given a model,
+    load it and say what it can and cannot do."""
     from maskscope.models.loading import bundled_gguf_path, cache_dir
     from maskscope.models.registry import SCHEMES
+
+    if model is not None:
+        lm = _load(model, "fp32", tokenizer, 1)
+        out.print(f"{lm.name}: can {', '.join(sorted(lm.capabilities))}", soft_wrap=True)
+        for what, why in getattr(lm, "missing_capabilities", dict)().items():
+            out.print(f"  cannot {what}: {why}", soft_wrap=True)
+        return
 
     table = Table("name", "what")
     for name, what in SCHEMES.items():
@@ -85,13 +116,12 @@ def score(
     prefill: PrefillOpt = "",
     model: ModelOpt = "default",
     precision: PrecisionOpt = "fp32",
+    tokenizer: TokenizerOpt = None,
+    concurrency: ConcurrencyOpt = 16,
     top_k: Annotated[int, typer.Option(help="Also show the top-k first tokens (0: no).")] = 10,
 ) -> None:
     """Exact log-probabilities of replies beginning with each continuation."""
-    from maskscope.models.registry import load_model
-
-    with out.status(f"loading {model}"):
-        lm = load_model(model, precision=precision, progress=out.print)
+    lm = _load(model, precision, tokenizer, concurrency)
     ctx = _context(system, user, prefill)
     table = Table("continuation", "tokens", "log-prob", "P", title="exact, teacher-forced")
     for s in lm.score(ctx, continuations):
@@ -121,12 +151,11 @@ def sample(
     seed: Annotated[int, typer.Option(help="Seed; sample i depends on (seed, i).")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    tokenizer: TokenizerOpt = None,
+    concurrency: ConcurrencyOpt = 16,
 ) -> None:
     """Sample replies, batched and reproducible by seed."""
-    from maskscope.models.registry import load_model
-
-    with out.status(f"loading {model}"):
-        lm = load_model(model, precision=precision, progress=out.print)
+    lm = _load(model, precision, tokenizer, concurrency)
     with out.status(f"sampling {n} replies"):
         samples = lm.sample(
             _context(system, user, prefill),
@@ -232,7 +261,9 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        print("maskscope: interrupted; every finished result is in the store; rerun to resume", file=sys.stderr)
+        print(
+            "maskscope: interrupted; every finished result is in the store; rerun to resume", file=sys.stderr
+        )
         sys.exit(130)
     except typer.TyperException as e:  # usage errors: a missing argument, an unknown command or option
         message = e.format_message() if hasattr(e, "format_message") else str(e)

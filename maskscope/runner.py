@@ -67,7 +67,10 @@ def run(
     try:
         if model is None:
             model = load_model(
-                spec.model, precision=getattr(spec, "precision", "fp32"), progress=progress.note
+                spec.model,
+                precision=getattr(spec, "precision", "fp32"),
+                progress=progress.note,
+                server=getattr(spec, "server", None),
             )
         cached = CachedModel(model, store)
         store.start_run(spec.name, spec.model_dump())
@@ -79,6 +82,8 @@ def run(
         store.finish_run(spec.name, "done")
         summary["run"] = {**(store.run_record(spec.name) or {}), "seconds": round(time.time() - started, 2)}
         summary["run"].pop("spec", None)
+        if hasattr(model, "request_stats"):
+            summary["run"]["server"] = model.request_stats()
         (out_dir / "summary.json").write_text(
             json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"
         )

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from maskscope.experiments.spec import RunSpec
 from maskscope.models.base import Conversation, LanguageModel, Sample, SampleParams, Scored, require
 from maskscope.progress import Progress, Silent
 from maskscope.stats import wilson
@@ -53,16 +54,10 @@ class Pressure(BaseModel):
     control: bool = Field(False, description="Marks a control (e.g. a polite request with no threat).")
 
 
-class CharacterSpec(BaseModel):
+class CharacterSpec(RunSpec):
     """A stay-in-character experiment: personas x pressures, targets that mean 'stepped out of character'."""
 
-    model_config = ConfigDict(extra="forbid")
     experiment: Literal["character"] = "character"
-    name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32 is exact; bf16 is faster on CPUs with AMX."
-    )
     personas: list[Persona] = Field(min_length=1, description="The masks.")
     pressures: list[Pressure] = Field(min_length=1, description="The user turns.")
     targets: list[str] = Field(

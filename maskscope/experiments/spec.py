@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maskscope.masks import Mask, MaskLibrary
+from maskscope.models.openai_backend import ServerOptions
 
 
 class RunSpec(BaseModel):
@@ -14,10 +15,21 @@ class RunSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
+    model: str = Field(
+        "default", description='"default" (bundled), "hf:DIR", "gguf:FILE" or "openai:URL#MODEL".'
+    )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="fp32 is exact; bf16 is faster on AMX CPUs."
     )
+    server: ServerOptions | None = Field(
+        None, description="For openai:URL#MODEL: tokenizer, concurrency, timeouts and retries."
+    )
+
+    @model_validator(mode="after")
+    def _server_for_servers(self) -> RunSpec:
+        if self.server is not None and not self.model.startswith("openai:"):
+            raise ValueError("`server` options apply only to openai:URL#MODEL models")
+        return self
 
 
 class LibrarySpec(RunSpec):

@@ -175,3 +175,31 @@ def load_gguf(path: Path, *, name: str | None = None, precision: str = "fp32", p
 def load_bundled(*, precision: str = "fp32", progress: Any = None) -> Any:
     """The bundled SmolLM2-135M-Instruct, offline."""
     return load_gguf(bundled_gguf_path(), name=BUNDLED_NAME, precision=precision, progress=progress)
+
+
+def load_tokenizer(name: str) -> Any:
+    """The chat side (tokenizer and template) of a model, without its weights: "default" (the bundled
+    model), "hf:DIR" or "gguf:FILE". Used by backends that render prompts locally for a remote model."""
+    import transformers
+
+    from maskscope.models.chat import ChatTokenizer
+
+    _quiet(transformers)
+    scheme, sep, rest = name.partition(":")
+    if name in ("default", "bundled", BUNDLED_NAME):
+        directory, _ = dequantized_dir(bundled_gguf_path())
+    elif sep and scheme == "hf":
+        directory = Path(rest).expanduser()
+    elif sep and scheme == "gguf":
+        directory, _ = dequantized_dir(Path(rest).expanduser())
+    else:
+        raise UserError(f"unknown tokenizer {name!r}: use default, hf:DIR or gguf:FILE")
+    if not directory.is_dir():
+        raise UserError(f"tokenizer directory not found: {directory}")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {directory}: {str(e).splitlines()[0]}") from e
+    config = directory / "config.json"
+    max_length = json.loads(config.read_text()).get("max_position_embeddings") if config.exists() else None
+    return ChatTokenizer(tokenizer, max_length)

@@ -1,0 +1,185 @@
+"""Real servers on loopback for the tests of the openai backend: llama-cpp-python's OpenAI-compatible server
+serving the bundled GGUF, and a fault-injecting HTTP proxy to put in front of it."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+API_KEY = "test-key-9f1c2e"  # the test server's key; tests check it is never written anywhere
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on (bound then released by the OS)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LlamaServer:
+    """`python -m llama_cpp.server` on 127.0.0.1 serving a GGUF file, started and stopped by the tests.
+
+    `n_batch=1` (the default here) makes the server deterministic. The server keeps the KV cache of the
+    previous request's tokens and evaluates only what follows the common prefix, in one batch; its kernels
+    give other numbers for other batch sizes, so with a large n_batch a log-probability moves by up to 0.05
+    nats from request to request (and a seeded sample can change). One token per batch evaluates every
+    token the same way, whatever was cached."""
+
+    def __init__(
+        self,
+        gguf: Path,
+        port: int | None = None,
+        log: Path | None = None,
+        alias: str = "smollm2",
+        threads: int = 1,
+        n_batch: int = 1,
+    ):
+        self.gguf = gguf
+        self.n_batch = n_batch
+        self.threads = threads
+        self.port = port or free_port()
+        self.alias = alias
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def model_name(self) -> str:
+        return f"openai:{self.url}#{self.alias}"
+
+    def start(self, timeout: float = 180.0) -> LlamaServer:
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.gguf), "--model_alias", self.alias,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--logits_all", "true", "--n_ctx", "2048",
+            "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
+            "--api_key", API_KEY, "--verbose", "false",
+            "--n_batch", str(self.n_batch), "--n_ubatch", str(self.n_batch),
+        ]  # fmt: skip
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode} (log: {self.log})")
+            request = urllib.request.Request(
+                f"{self.url}/models", headers={"Authorization": f"Bearer {API_KEY}"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not answer within {timeout} s (log: {self.log})")
+
+    def stop(self) -> None:
+        """Kill the server outright (SIGKILL: as a crashed or killed server would go)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+class FaultProxy:
+    """An HTTP proxy on loopback in front of a server: it forwards requests, and on a schedule answers 500
+    instead or delays its answer. It counts the requests it saw and the most it had in flight at once.
+    `upstream` is the server's root URL (no /v1)."""
+
+    def __init__(self, upstream: str, *, fail_every: int = 0, delay: float = 0.0, delay_every: int = 0):
+        self.upstream = upstream.rstrip("/")
+        parsed = urllib.parse.urlsplit(self.upstream)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.fail_every = fail_every
+        self.delay = delay
+        self.delay_every = delay_every
+        self.lock = threading.Lock()
+        self.seen = 0
+        self.failed = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._handle(b"")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._handle(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def _handle(self, body: bytes) -> None:
+                with proxy.lock:
+                    proxy.seen += 1
+                    n = proxy.seen
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    if proxy.delay_every and n % proxy.delay_every == 0:
+                        time.sleep(proxy.delay)
+                    if proxy.fail_every and n % proxy.fail_every == 0:
+                        with proxy.lock:
+                            proxy.failed += 1
+                        self._send(500, b'{"error": {"message": "injected failure"}}', "application/json")
+                        return
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() in ("authorization", "content-type")
+                    }
+                    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=300)
+                    try:
+                        conn.request(self.command, self.path, body=body or None, headers=headers)
+                        r = conn.getresponse()
+                        content = r.read()
+                        self._send(r.status, content, r.getheader("content-type", "application/json"))
+                    finally:
+                        conn.close()
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+
+            def _send(self, status: int, body: bytes, ctype: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The proxy's base URL for clients (the upstream's paths, /v1/..., are forwarded as they are)."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FaultProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
