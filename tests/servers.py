@@ -101,12 +101,14 @@ class LlamaServer:
 class FaultProxy:
     """An HTTP proxy on loopback in front of a server: it forwards requests, and on a schedule answers 500
     instead or delays its answer. It counts the requests it saw and the most it had in flight at once.
-    `upstream` is the server's root URL (no /v1)."""
+    `upstream` is the server's root URL (no /v1); given several, requests go to them in turn (a round-robin
+    load balancer over replicas)."""
 
-    def __init__(self, upstream: str, *, fail_every: int = 0, delay: float = 0.0, delay_every: int = 0):
-        self.upstream = upstream.rstrip("/")
-        parsed = urllib.parse.urlsplit(self.upstream)
-        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+    def __init__(
+        self, upstream: str | list[str], *, fail_every: int = 0, delay: float = 0.0, delay_every: int = 0
+    ):
+        upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
+        self.upstreams = [urllib.parse.urlsplit(u.rstrip("/")) for u in upstreams]
         self.fail_every = fail_every
         self.delay = delay
         self.delay_every = delay_every
@@ -148,7 +150,8 @@ class FaultProxy:
                         for k, v in self.headers.items()
                         if k.lower() in ("authorization", "content-type")
                     }
-                    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=300)
+                    up = proxy.upstreams[n % len(proxy.upstreams)]
+                    conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port or 80, timeout=300)
                     try:
                         conn.request(self.command, self.path, body=body or None, headers=headers)
                         r = conn.getresponse()
