@@ -236,7 +236,9 @@ class LanguageModel(Protocol):
 def require(model: LanguageModel, capability: str, what: str) -> None:
     """Refuse up front, in one line, when a model lacks a capability an experiment needs."""
     if capability not in model.capabilities:
-        raise UserError(f"{what} needs '{capability}', which model {model.name} does not offer")
+        why = getattr(model, "missing_capabilities", dict)().get(capability)
+        reason = f" ({why})" if why else ""
+        raise UserError(f"{what} needs '{capability}', which model {model.name} does not offer{reason}")
 
 
 class ModelAPI:

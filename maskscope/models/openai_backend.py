@@ -142,7 +142,6 @@ class OpenAIModel(ModelAPI):
         self._raw_echo: bool | None = None  # probed on the first raw-string prompt scored through echo
         self._template_start: int | None = None
         self.scoring = self._probe_scoring() if chat is not None else None
-        self.accepts_token_ids = self.scoring == "prompt_logprobs"
         caps = {"sample", "next_token_distribution"}
         if self.scoring:
             caps |= {"score", "token_logprobs"}
@@ -190,7 +189,8 @@ class OpenAIModel(ModelAPI):
         return json.dumps(ctx.to_messages(), ensure_ascii=False, sort_keys=True)
 
     def request_stats(self) -> dict[str, Any]:
-        """Requests sent, retries and their causes, the concurrency used and the top-logprobs limit."""
+        """Requests sent (every attempt), retries and their causes, the concurrency and the top-logprobs
+        limit used, and how exact scores were obtained."""
         return {
             **self.stats.to_json(),
             "concurrency": self.options.concurrency,
