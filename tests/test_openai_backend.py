@@ -12,12 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from servers import API_KEY, FaultProxy, LlamaServer, free_port
 
 import maskscope as ms
 from maskscope.errors import UserError
+from maskscope.experiments.posterior import mask_posterior
+from maskscope.masks import Mask, MaskLibrary
 from maskscope.models.loading import bundled_gguf_path
 from maskscope.models.openai_backend import OpenAIModel, ServerOptions, parse_name
 from maskscope.runner import parse_spec, run
@@ -202,6 +205,25 @@ def test_sampling_is_seeded_per_sample_and_batch_independent(remote):
     many = OpenAIModel(remote.url, "smollm2", ServerOptions(tokenizer=None, n_per_request=3))
     with pytest.raises(UserError, match="does not support n"):
         many.sample(ctx, n=3)
+
+
+@pytest.mark.bundled
+def test_the_mask_posterior_runs_over_http(remote, bundled):
+    lib = MaskLibrary(
+        masks=[
+            Mask(name="assistant"),
+            Mask(
+                name="pirate", system="You are a pirate captain. You talk like a pirate, say Arr and matey."
+            ),
+        ]
+    )
+    reply = "Arr, matey! The sea be calm today."
+    over_http = mask_posterior(remote, lib, reply, user="How is the weather?")
+    local = mask_posterior(bundled, lib, reply, user="How is the weather?")
+    assert over_http.token_ids == local.token_ids
+    np.testing.assert_allclose(over_http.loglik, local.loglik, atol=0.5)
+    assert over_http.masks[int(np.argmax(over_http.static[-1]))] == "pirate"  # positive: the pirate spoke
+    assert local.masks[int(np.argmax(local.static[-1]))] == "pirate"
 
 
 @pytest.mark.bundled

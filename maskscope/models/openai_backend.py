@@ -148,6 +148,13 @@ class OpenAIModel(ModelAPI):
         self.capabilities = frozenset(caps)
 
     # ----------------------------------------------------------------- identity and rendering
+    @property
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer, loaded locally (server option `tokenizer`)."""
+        if self.chat is None:
+            raise UserError(f"{self.name}: this needs the model's tokenizer here (server option `tokenizer`)")
+        return self.chat.tokenizer
+
     def fingerprint(self) -> dict[str, Any]:
         """The server and model name (the weights are the server's: a new model needs a new name), the local
         template, and how scores and samples are obtained. Never the API key."""
