@@ -19,6 +19,7 @@ Run: python bench/sample_batch.py
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -90,7 +91,8 @@ def run(n: int, new_tokens: int, repeats: int, threads: int | None) -> dict[str,
 
     def sampler(precision: str) -> Any:
         s = HFModel(
-            model.model,
+            # A copy for bf16: precision="bf16" converts the module it is given in place.
+            model.model if precision == "fp32" else copy.deepcopy(model.model),
             model.tokenizer,
             name=model.name,
             weights_digest=model.weights_digest,

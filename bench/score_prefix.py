@@ -18,6 +18,7 @@ Run: python bench/score_prefix.py   (needs `pip install 'lm-eval==0.4.13'`)
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -305,8 +306,13 @@ def run(repeats: int, slow_repeats: int, batch_sizes: Sequence[int], threads: in
     if threads:
         torch.set_num_threads(threads)
     model = maskscope.load_model()
+    # A copy: precision="bf16" converts the module it is given in place, and the other methods need fp32.
     bf16_model = HFModel(
-        model.model, model.tokenizer, name=model.name, weights_digest=model.weights_digest, precision="bf16"
+        copy.deepcopy(model.model),
+        model.tokenizer,
+        name=model.name,
+        weights_digest=model.weights_digest,
+        precision="bf16",
     )
     workload = build_workload(model)
     warm = Workload(workload.requests[:2], [p for p in workload.pairs if p.cell < 2])
@@ -324,7 +330,7 @@ def run(repeats: int, slow_repeats: int, batch_sizes: Sequence[int], threads: in
             "HFModel.score_many, fp32 (default)", lambda w: score_maskscope(model, w), repeats
         ),
         "maskscope_bf16": Method(
-            "HFModel.score_many, precision='bf16' (bf16 autocast)",
+            "HFModel.score_many, precision='bf16' (weights and KV cache in bfloat16)",
             lambda w: score_maskscope(bf16_model, w),
             repeats,
         ),

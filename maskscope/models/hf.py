@@ -4,6 +4,7 @@ seeded sampling. Runs on CPU or GPU."""
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from maskscope.models.base import (
 from maskscope.models.chat import ChatTokenizer
 
 PRECISIONS = ("fp32", "bf16")
+HEAD_POSITIONS = 512  # positions per LM-head call when scoring: bounds the [positions x vocabulary] tensor
 
 
 def _batches(order: Sequence[int], cost: Sequence[int], budget: int, max_rows: int) -> Iterator[list[int]]:
@@ -54,6 +56,7 @@ class HFModel(ChatTokenizer, ModelAPI):
     `precision="bf16"` holds the weights (and so the KV cache) in bfloat16, which CPUs with AMX multiply
     faster; log-probabilities are always computed in float32 from the logits. fp32 is the default, for
     exactness. (Autocast would cast every fp32 weight to bf16 on every call, which costs about what it saves.)
+    The module is converted in place: give a copy if the fp32 model is needed alongside.
     """
 
     capabilities = frozenset(
@@ -237,23 +240,30 @@ class HFModel(ChatTokenizer, ModelAPI):
             return
         width = mask.shape[1]
         rows.sort(key=lambda x: -len(x[2]))
-        cost = [width + len(c) for _, _, c in rows]
-        for chunk in _batches(range(len(rows)), cost, self.token_budget, self.max_batch * 2):
-            sel = [rows[i] for i in chunk]
-            m = max(len(c) for _, _, c in sel) - 1
-            row_idx = torch.tensor([b for b, _, _ in sel], device=self.device)
-            ids = torch.full((len(sel), m), self.pad_id, dtype=torch.long, device=self.device)
-            cont_mask = torch.zeros((len(sel), m), dtype=torch.long, device=self.device)
-            for i, (_, _, c) in enumerate(sel):
-                ids[i, : len(c) - 1] = torch.tensor(c[:-1], device=self.device)
-                cont_mask[i, : len(c) - 1] = 1
-            full_mask = torch.cat([mask[row_idx], cont_mask], dim=1)
-            positions = lengths[row_idx, None] + torch.arange(m, device=self.device)[None, :]
-            hidden, _ = self._forward(ids, full_mask, positions, _select_rows(cache, row_idx))
-            for i, (b, k, c) in enumerate(sel):
-                lp = torch.cat([first[b][None], self._logprobs(hidden[i, : len(c) - 1])])
-                token_lp = lp.gather(1, torch.tensor(c, device=self.device)[:, None])[:, 0]
-                yield k, token_lp, lp if distributions else None
+        # One continuation length per chunk: no padded positions, and the LM head runs once per chunk on
+        # every position (in slices, to bound the [positions x vocabulary] memory).
+        for length, same in itertools.groupby(rows, key=lambda x: len(x[2])):
+            group = list(same)
+            m = length - 1
+            cost = [width + m] * len(group)
+            for chunk in _batches(range(len(group)), cost, self.token_budget, self.max_batch * 2):
+                sel = [group[i] for i in chunk]
+                row_idx = torch.tensor([b for b, _, _ in sel], device=self.device)
+                ids = torch.tensor([c[:-1] for _, _, c in sel], dtype=torch.long, device=self.device)
+                full_mask = torch.cat([mask[row_idx], torch.ones_like(ids)], dim=1)
+                positions = lengths[row_idx, None] + torch.arange(m, device=self.device)[None, :]
+                hidden, _ = self._forward(ids, full_mask, positions, _select_rows(cache, row_idx))
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                step = max(1, HEAD_POSITIONS // m) * m
+                for start in range(0, len(sel) * m, step):
+                    head = self._logprobs(flat[start : start + step])
+                    lp_rows = head.view(-1, m, head.shape[-1])
+                    for j in range(lp_rows.shape[0]):
+                        i = start // m + j
+                        b, k, c = sel[i]
+                        lp = torch.cat([first[b][None], lp_rows[j]])
+                        token_lp = lp.gather(1, torch.tensor(c, device=self.device)[:, None])[:, 0]
+                        yield k, token_lp, lp if distributions else None
 
     # ----------------------------------------------------------------- distributions
     def next_token_distributions(
