@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 API_KEY = "test-key-9f1c2e"  # the test server's key; tests check it is never written anywhere
 
@@ -180,6 +182,90 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def __enter__(self) -> FaultProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class PromptLogprobsServer:
+    """A minimal OpenAI-compatible server that answers the way vLLM does for `prompt_logprobs`, with exact
+    numbers from a local transformers model: GET /v1/models, and POST /v1/completions with the prompt given
+    as token ids and `prompt_logprobs: k` (one plain forward pass; the reply's `prompt_logprobs` is a list with
+    None first, then one {token id: {logprob, rank, decoded_token}} mapping per prompt token). vLLM itself
+    needs a GPU; this checks maskscope's side of that exchange against known numbers."""
+
+    def __init__(self, hf: Any, name: str = "reference"):
+        self.hf = hf
+        self.name = name
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._json(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                ids = body.get("prompt")
+                if not isinstance(ids, list) or "prompt_logprobs" not in body:
+                    self._json(
+                        400, {"error": {"message": "this server takes token-id prompts with prompt_logprobs"}}
+                    )
+                    return
+                self._json(200, server.complete(ids))
+
+            def _json(self, status: int, data: Any) -> None:
+                raw = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def complete(self, ids: list[int]) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            logits = self.hf.model(torch.tensor([ids])).logits[0].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        rows: list[Any] = [None]
+        for t in range(1, len(ids)):
+            value = lp[t - 1, ids[t]]
+            rank = int((lp[t - 1] > value).sum()) + 1
+            rows.append({str(ids[t]): {"logprob": float(value), "rank": rank, "decoded_token": ""}})
+        nxt = int(lp[-1].argmax())
+        return {
+            "id": "cmpl-reference",
+            "object": "text_completion",
+            "created": 0,
+            "model": self.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": self.hf.tokenizer.decode([nxt]),
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "prompt_logprobs": rows,
+                }
+            ],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1},
+        }
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> PromptLogprobsServer:
         self.thread.start()
         return self
 

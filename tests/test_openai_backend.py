@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from servers import API_KEY, FaultProxy, LlamaServer, free_port
+from servers import API_KEY, FaultProxy, LlamaServer, PromptLogprobsServer, free_port
 
 import maskscope as ms
 from maskscope.errors import UserError
@@ -113,6 +113,25 @@ def test_an_unreachable_server_is_one_line_and_status_2():
         OpenAIModel(f"http://127.0.0.1:{port}/v1", "m", ServerOptions(**{**FAST_FAIL, "tokenizer": None}))
     r = _cli("sample", "hi", "--model", f"openai:http://127.0.0.1:{port}/v1#m")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "did not answer" in r.stderr
+
+
+def test_vllm_prompt_logprobs_are_read_exactly(tiny, tiny_dir: Path):
+    """vLLM's way of scoring (token ids in, prompt_logprobs out), against a server answering in its format
+    with the tiny model's exact numbers: the probe picks it, and scores equal the transformers backend's."""
+    with PromptLogprobsServer(tiny) as ref:
+        remote = OpenAIModel(ref.url, None, ServerOptions(tokenizer=f"hf:{tiny_dir}"), chat=_chat(tiny_dir))
+        assert remote.scoring == "prompt_logprobs" and "score" in remote.capabilities
+        ctx = ms.Conversation.of(system="You are a pirate.", user="Say no.")
+        conts = ["no", "No.", "Arr, never!"]
+        for h, b in zip(remote.score(ctx, conts), tiny.score(ctx, conts), strict=True):
+            assert h.token_ids == b.token_ids
+            assert h.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def _chat(directory: Path):
+    from maskscope.models.loading import load_tokenizer
+
+    return load_tokenizer(f"hf:{directory}")
 
 
 # ----------------------------------------------------------------- the real server
