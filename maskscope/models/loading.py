@@ -101,9 +101,8 @@ def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
     where, name = str(gguf.parent), gguf.name
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            where, gguf_file=name, local_files_only=True
-        )
+        causal_lm = transformers.AutoModelForCausalLM
+        model = causal_lm.from_pretrained(where, gguf_file=name, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
     # A dequantized model no longer needs the GGUF quantizer: drop it so that the config loads as plain fp32.
@@ -152,10 +151,8 @@ def load_hf_dir(
     torch_dtype = getattr(torch, dtype) if dtype else torch.float32
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        path = str(directory)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch_dtype
-        )
+        causal_lm = transformers.AutoModelForCausalLM
+        model = causal_lm.from_pretrained(str(directory), local_files_only=True, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from e
     if device:
