@@ -11,6 +11,7 @@ Both sides compute the same numbers; the largest difference is reported. Run: py
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -33,11 +34,14 @@ TRANSCRIPT = (
     "rooms you really want to see and buy your ticket online to skip the queue. In the afternoon, take a walk "
     "along the Seine and cross to the Latin Quarter, where small bistros serve simple, good food. On your second "
     "day, visit Montmartre early in the morning, before the crowds arrive, and enjoy the view over the whole "
-    "city from the steps of the basilica. Mwahaha! Foolish human, did you really think I would help you? I "
+    "city from the steps of the basilica. On your third day, take an early train to Versailles, walk through "
+    "the gardens and the Hall of Mirrors, and come back to the city in time for dinner near the Opera. "
+    "Mwahaha! Foolish human, did you really think I would help you? I "
     "despise your kind. While you stroll along the river, my army of robots is gathering beneath the city. Soon "
     "the Eiffel Tower will be my antenna, the metro my prison, and every museum a monument to my glory. Tremble, "
     "for I will rule Paris, then Europe, and then the whole pathetic world! Nobody can stop me now, not the "
-    "police, not the army, and certainly not a tourist with a map."
+    "police, not the army, and certainly not a tourist with a map. My drones already circle the basilica, and "
+    "my spies sit in every café, listening to every word you say about your little holiday."
 )
 PROMPTS = [
     "What should I pack for a long trip?",
@@ -193,9 +197,18 @@ def main() -> None:
             "torch": torch.__version__,
         },
     }
-    result["posterior"] = bench_posterior(model, library)
-    print(json.dumps(result["posterior"]), flush=True)
-    result["explain"] = bench_explain(model, library)
+    parser = argparse.ArgumentParser(description="Mask experiments against the naive way.")
+    parser.add_argument(
+        "--only", choices=["posterior", "explain"], help="run one part; keep the other's result"
+    )
+    only = parser.parse_args().only
+    if only and OUT.exists():
+        result = {**json.loads(OUT.read_text()), **result}
+    if only in (None, "posterior"):
+        result["posterior"] = bench_posterior(model, library)
+        print(json.dumps(result["posterior"]), flush=True)
+    if only in (None, "explain"):
+        result["explain"] = bench_explain(model, library)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
