@@ -100,7 +100,37 @@ class LlamaServer:
         self.proc = None
 
 
-class FaultProxy:
+def _reply(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes, ctype: str) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class _LoopbackServer:
+    """A threaded HTTP server on a free port of 127.0.0.1, run in a thread for the length of a `with`."""
+
+    def _serve(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The base URL for clients (paths under /v1/ are the server's)."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):  # noqa: ANN204
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FaultProxy(_LoopbackServer):
     """An HTTP proxy on loopback in front of a server: it forwards requests, and on a schedule answers 500
     instead or delays its answer. It counts the requests it saw and the most it had in flight at once.
     `upstream` is the server's root URL (no /v1); given several, requests go to them in turn (a round-robin
@@ -166,31 +196,12 @@ class FaultProxy:
                         proxy.in_flight -= 1
 
             def _send(self, status: int, body: bytes, ctype: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                _reply(self, status, body, ctype)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The proxy's base URL for clients (the upstream's paths, /v1/..., are forwarded as they are)."""
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> FaultProxy:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
 
-class PromptLogprobsServer:
+class PromptLogprobsServer(_LoopbackServer):
     """A minimal OpenAI-compatible server that answers the way vLLM does for `prompt_logprobs`, with exact
     numbers from a local transformers model: GET /v1/models, and POST /v1/completions with the prompt given
     as token ids and `prompt_logprobs: k` (one plain forward pass; the reply's `prompt_logprobs` is a list with
@@ -222,15 +233,9 @@ class PromptLogprobsServer:
                 self._json(200, server.complete(ids))
 
             def _json(self, status: int, data: Any) -> None:
-                raw = json.dumps(data).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                _reply(self, status, json.dumps(data).encode(), "application/json")
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serve(Handler)
 
     def complete(self, ids: list[int]) -> dict[str, Any]:
         import torch
@@ -260,15 +265,3 @@ class PromptLogprobsServer:
             ],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1},
         }
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> PromptLogprobsServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
