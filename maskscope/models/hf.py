@@ -293,18 +293,25 @@ class HFModel(ChatTokenizer, ModelAPI):
         samples, each drawn with its own generator seeded from (seed, index).
 
         Per-sample generators are what `generate` lacks: they make sample i the same whether it is drawn
-        alone or in a batch (up to floating-point differences between batch shapes), so an interrupted run
-        resumes with the samples it is missing."""
+        alone or in a batch, up to floating-point differences between batch shapes, which can flip a draw
+        now and then. So batches are aligned blocks of indices: block b holds indices b * batch_size up to
+        the last index wanted in it, and is drawn whole even when only some of it is wanted. A run
+        interrupted while storing a block's samples then redraws that block exactly as the first run drew
+        it (at the cost of redrawing what was stored), and resumes with the very samples it is missing."""
         prompt = self.encode_prompt(context)
         self._check_length(len(prompt) + params.max_new_tokens)
-        indices = list(indices)
-        if not indices:
+        wanted = set(indices)
+        if not wanted:
             return
         first, cache, mask, lengths = self._context_pass([prompt])
-        for start in range(0, len(indices), batch_size):
-            yield from self._sample_batch(
-                indices[start : start + batch_size], params, first, cache, len(prompt)
-            )
+        last: dict[int, int] = {}
+        for i in wanted:
+            last[i // batch_size] = max(last.get(i // batch_size, i), i)
+        for block in sorted(last):
+            rows = list(range(block * batch_size, last[block] + 1))
+            for sample in self._sample_batch(rows, params, first, cache, len(prompt)):
+                if sample.index in wanted:
+                    yield sample
 
     def _sample_batch(
         self, indices: list[int], params: SampleParams, first: torch.Tensor, cache: Any, plen: int
