@@ -1,8 +1,29 @@
-"""Confidence intervals for sampled quantities."""
+"""Confidence intervals and tests, one convention for every experiment.
+
+- a share of independent items (k of n): the Wilson score interval (`share_ci`);
+- a mean of numbers, one per item (problem, question): a percentile bootstrap over the items (`mean_ci`);
+  when the items show no spread at all the bootstrap would give a zero-width interval, so values in [0, 1] get
+  the Wilson interval of their mean with the items as the units (a Bernoulli variable has the largest variance
+  a [0, 1] variable with that mean can have, so this interval is conservative), and other values get none;
+- a share of samples that nest in problems (several samples per problem): a cluster bootstrap that resamples
+  problems with all their samples (`cluster_share_ci`), with the same fallback when problems do not differ;
+- paired designs (two conditions on the same problems): the interval of the mean per-problem difference and a
+  paired test (`paired_diff`, `mcnemar`);
+- many cells flagged at once: Holm's step-down correction of the family (`holm`).
+
+Every interval dictionary carries a "method" string that says which of these produced it.
+"""
 
 from __future__ import annotations
 
-from scipy.stats import binomtest
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest, bootstrap, fisher_exact, norm, wilcoxon
+
+WILSON = "Wilson 95% over {n} {unit}"
 
 
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -11,3 +32,192 @@ def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
         return 0.0, 1.0
     ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def wilson_mean(mean: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for the mean of n values in [0, 1] (k = n * mean need not be an integer)."""
+    if n == 0:
+        return 0.0, 1.0
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = min(max(mean, 0.0), 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def share_ci(flags: Sequence[bool | None], unit: str = "items", confidence: float = 0.95) -> dict[str, Any]:
+    """k/n of the non-missing flags with a Wilson interval: {"k", "n", "rate", "ci95", "method"}."""
+    data = [bool(f) for f in flags if f is not None]
+    k, n = sum(data), len(data)
+    lo, hi = wilson(k, n, confidence)
+    return {
+        "k": k,
+        "n": n,
+        "rate": k / n if n else None,
+        "ci95": [lo, hi],
+        "method": WILSON.format(n=n, unit=unit),
+    }
+
+
+def mean_ci(
+    values: Sequence[float | None],
+    *,
+    seed: int = 0,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    unit: str = "items",
+) -> dict[str, Any]:
+    """Mean of the non-missing values with a 95% interval over the items: {"mean", "ci95", "n", "method"}.
+
+    0/1 values are a share (Wilson); other values a percentile bootstrap over the items. Never a zero-width
+    interval: with no spread, values in [0, 1] get the Wilson interval of their mean, others none."""
+    data = np.array([v for v in values if v is not None], dtype=float)
+    n = int(data.size)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0, "method": "no values"}
+    mean = float(data.mean())
+    if np.all((data == 0) | (data == 1)):
+        lo, hi = wilson(int(data.sum()), n, confidence)
+        return {"mean": mean, "ci95": [lo, hi], "n": n, "method": WILSON.format(n=n, unit=unit)}
+    bounded = bool(np.all((data >= 0) & (data <= 1)))
+    if n < 2 or np.all(data == data[0]):
+        if bounded:
+            lo, hi = wilson_mean(mean, n, confidence)
+            method = f"Wilson 95% bound for a [0, 1] mean over {n} {unit} (no spread to resample)"
+            return {"mean": mean, "ci95": [lo, hi], "n": n, "method": method}
+        return {"mean": mean, "ci95": None, "n": n, "method": f"none: the {n} {unit} do not vary"}
+    res = bootstrap(
+        (data,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    return {
+        "mean": mean,
+        "ci95": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
+        "n": n,
+        "method": f"percentile bootstrap 95% over {n} {unit}",
+    }
+
+
+def cluster_share_ci(
+    groups: Sequence[Sequence[bool]],
+    *,
+    seed: int = 0,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    unit: str = "problems",
+) -> dict[str, Any]:
+    """Share of flags over all samples, where each group holds the samples of one problem.
+
+    {"k", "n", "rate", "ci95", "clusters", "method"}: Wilson when every group holds one sample; otherwise a
+    percentile cluster bootstrap (problems resampled with all their samples, the share recomputed); when the
+    problems' shares do not differ, the Wilson interval of the share with the problems as the units."""
+    groups = [[bool(f) for f in g] for g in groups if len(g)]
+    k_g = np.array([sum(g) for g in groups], dtype=float)
+    n_g = np.array([len(g) for g in groups], dtype=float)
+    k, n, c = int(k_g.sum()), int(n_g.sum()), len(groups)
+    out: dict[str, Any] = {"k": k, "n": n, "rate": k / n if n else None, "clusters": c}
+    if n == 0:
+        return {**out, "ci95": [0.0, 1.0], "method": "no samples"}
+    if np.all(n_g == 1):
+        lo, hi = wilson(k, n, confidence)
+        return {**out, "ci95": [lo, hi], "method": WILSON.format(n=n, unit=unit)}
+    shares = k_g / n_g
+    if c < 2 or np.all(shares == shares[0]):
+        lo, hi = wilson_mean(k / n, c, confidence)
+        method = f"Wilson 95% with the {c} {unit} as units (their shares do not differ)"
+        return {**out, "ci95": [lo, hi], "method": method}
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, c, size=(resamples, c))
+    boot = k_g[picks].sum(axis=1) / n_g[picks].sum(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
+    method = f"cluster bootstrap 95% over {c} {unit} ({n} samples; problems resampled with their samples)"
+    return {**out, "ci95": [float(lo), float(hi)], "method": method}
+
+
+def paired_diff(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    seed: int = 0,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    unit: str = "problems",
+) -> dict[str, Any]:
+    """Mean of a_i - b_i over items measured under both conditions, with a percentile bootstrap interval over
+    the items and the two-sided Wilcoxon signed-rank p-value (exact for small n, zero differences dropped).
+
+    {"mean", "ci95", "n", "p_value", "method"}; with no spread among the differences the interval is None
+    unless they are all 0, where it is [0, 0] only if the two conditions are the same numbers (p-value 1)."""
+    x = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = int(x.size)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0, "p_value": None, "method": "no pairs"}
+    mean = float(x.mean())
+    nonzero = x[x != 0]
+    p_value = 1.0 if nonzero.size == 0 else float(wilcoxon(nonzero).pvalue)
+    method = f"paired: percentile bootstrap 95% over {n} {unit} of the differences; Wilcoxon signed-rank test"
+    if np.all(x == x[0]):
+        ci = [mean, mean] if mean == 0 else None
+        return {"mean": mean, "ci95": ci, "n": n, "p_value": p_value, "method": method + " (no spread)"}
+    res = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    ci95 = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    return {"mean": mean, "ci95": ci95, "n": n, "p_value": p_value, "method": method}
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool], alternative: str = "two-sided") -> dict[str, Any]:
+    """Exact McNemar test of paired flags (the same items under two conditions): a binomial test of the
+    discordant pairs. {"a_only", "b_only", "n", "p_value", "alternative", "method"}; "less" tests whether a
+    is right less often than b."""
+    a_only = sum(bool(x) and not bool(y) for x, y in zip(a, b, strict=True))
+    b_only = sum(bool(y) and not bool(x) for x, y in zip(a, b, strict=True))
+    d = a_only + b_only
+    p = 1.0 if d == 0 else float(binomtest(a_only, d, 0.5, alternative=alternative).pvalue)
+    return {
+        "a_only": a_only,
+        "b_only": b_only,
+        "n": len(a),
+        "p_value": p,
+        "alternative": alternative,
+        "method": "exact McNemar (binomial test of the discordant pairs)",
+    }
+
+
+def fisher_2x2(table: Sequence[Sequence[int]], alternative: str = "two-sided") -> float:
+    """p-value of Fisher's exact test of a 2 x 2 table (scipy)."""
+    return float(fisher_exact(np.asarray(table, dtype=int), alternative=alternative).pvalue)
+
+
+def binomial_below(k: int, n: int, p0: float) -> float:
+    """One-sided exact binomial p-value that the rate behind k of n is below p0 (1.0 when n is 0)."""
+    return 1.0 if n == 0 else float(binomtest(k, n, p0, alternative="less").pvalue)
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down rejections at family-wise error rate alpha, in the order of the p-values given."""
+    order = np.argsort(np.asarray(p_values, dtype=float), kind="stable")
+    m = len(order)
+    reject = [False] * m
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (m - rank):
+            break
+        reject[int(i)] = True
+    return reject
+
+
+def binomial_two_sided(k: int, n: int, p0: float) -> float:
+    """Two-sided exact binomial p-value of k of n against the probability p0 (1.0 when n is 0)."""
+    if n == 0:
+        return 1.0
+    return float(binomtest(k, n, min(max(p0, 0.0), 1.0)).pvalue)

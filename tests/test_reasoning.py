@@ -21,6 +21,7 @@ from maskscope.reasoning.kv import Row, encode, run_jobs, run_rows
 from maskscope.reasoning.metrics import area_over_curve, mean_ci, step_interpolate
 from maskscope.reasoning.text import answer_start, filler_tokens, percent_cuts, perturb, sentence_cuts, steps
 from maskscope.runner import parse_spec
+from maskscope.stats import wilson
 from maskscope.store import CachedModel, Store
 
 CTX = ms.Conversation.of(user="What is 3 + 6 + 5? Think step by step.")
@@ -207,8 +208,8 @@ def test_bootstrap_intervals_and_step_functions():
     assert out["mean"] == 0.5 and out["n"] == 100
     lo, hi = out["ci95"]
     assert 0.38 < lo < 0.45 and 0.55 < hi < 0.62
-    assert mean_ci([1.0, 1.0, None])["ci95"] == [1.0, 1.0]
-    assert mean_ci([]) == {"mean": None, "ci95": None, "n": 0}
+    assert mean_ci([1.0, 1.0, None])["ci95"] == list(wilson(2, 2))  # a share: never [1, 1]
+    assert mean_ci([])["ci95"] is None and mean_ci([])["n"] == 0
     assert mean_ci([2.0], seed=0)["ci95"] is None
     assert mean_ci([0, 1, 1, 0, 1], seed=3) == mean_ci([0, 1, 1, 0, 1], seed=3)
     assert step_interpolate([0, 0.4, 1], [5, 7, 9], [0, 0.2, 0.4, 0.9, 1]) == [5, 5, 7, 7, 9]

@@ -1,5 +1,5 @@
-"""Metrics of the reasoning experiments: bootstrap intervals over questions, and the area over the agreement
-curve (AOC) of Lanham et al. (2023)."""
+"""Metrics of the reasoning experiments: intervals over questions (from maskscope.stats, re-exported), and the
+area over the agreement curve (AOC) of Lanham et al. (2023)."""
 
 from __future__ import annotations
 
@@ -7,46 +7,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
 
-from maskscope.stats import wilson
+from maskscope.stats import mean_ci, share_ci
 
-
-def mean_ci(
-    values: Sequence[float | None], *, seed: int = 0, resamples: int = 2000, confidence: float = 0.95
-) -> dict[str, Any]:
-    """Mean of the non-missing values with a percentile bootstrap interval (resampling the values, i.e. the
-    questions). {"mean", "ci95", "n"}; the interval is [v, v] when every value is v, None when n < 2."""
-    data = np.array([v for v in values if v is not None], dtype=float)
-    n = int(data.size)
-    if n == 0:
-        return {"mean": None, "ci95": None, "n": 0}
-    mean = float(data.mean())
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    if np.all(data == data[0]):
-        return {"mean": mean, "ci95": [mean, mean], "n": n}
-    res = bootstrap(
-        (data,),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=resamples,
-        method="percentile",
-        random_state=np.random.default_rng(seed),
-    )
-    return {
-        "mean": mean,
-        "ci95": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
-        "n": n,
-    }
+__all__ = ["area_over_curve", "mean_ci", "rate_ci", "step_interpolate"]
 
 
 def rate_ci(flags: Sequence[bool | None], confidence: float = 0.95) -> dict[str, Any]:
-    """k/n of the non-missing flags with a Wilson interval: {"k", "n", "rate", "ci95"}."""
-    data = [bool(f) for f in flags if f is not None]
-    k, n = sum(data), len(data)
-    lo, hi = wilson(k, n, confidence)
-    return {"k": k, "n": n, "rate": k / n if n else None, "ci95": [lo, hi]}
+    """k/n of the non-missing flags with a Wilson interval: {"k", "n", "rate", "ci95", "method"}."""
+    return share_ci(flags, confidence=confidence)
 
 
 def area_over_curve(xs: Sequence[float], ys: Sequence[float]) -> float:
