@@ -157,36 +157,45 @@ def posterior_plots(summary: dict[str, Any], out_dir: Path, per_row: int = 40) -
 
 
 def explain_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The fitted mixture weights with bootstrap intervals, the weights per prompt, and the residual KL."""
+    """The reply-level mixture's weights with bootstrap intervals (the per-position fit's beside them, as the
+    secondary view), which mask the mixture says spoke each prompt's replies, and the residual KL."""
     masks = summary["masks"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.1, 1.3, 1]})
-    w = np.array([summary["weights"][m] for m in masks])
     ax = axes[0]
-    if summary["weights_ci95"]:
-        ci = np.array([summary["weights_ci95"][m] for m in masks])
-        err = np.vstack([np.maximum(w - ci[:, 0], 0), np.maximum(ci[:, 1] - w, 0)])
-    else:
+    y = np.arange(len(masks))
+    for fit, offset, color, label in (
+        (summary, -0.2, "#2e86c1", "reply-level (headline)"),
+        (summary["per_position"], 0.2, "#bbbbbb", "per-position (secondary)"),
+    ):
+        w = np.array([fit["weights"][m] for m in masks])
         err = None
-    ax.barh(np.arange(len(masks)), w, xerr=err, color="#2e86c1", capsize=3)
-    ax.set_yticks(np.arange(len(masks)), masks)
+        if fit["weights_ci95"]:
+            ci = np.array([fit["weights_ci95"][m] for m in masks])
+            err = np.vstack([np.maximum(w - ci[:, 0], 0), np.maximum(ci[:, 1] - w, 0)])
+        ax.barh(y + offset, w, height=0.4, xerr=err, color=color, capsize=2, label=label)
+    ax.set_yticks(y, masks)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
     frac, ci = summary["explained_fraction"], summary["explained_fraction_ci95"]
-    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-    ax.set_title(f"mixture weights (95% bootstrap)\nexplained fraction {frac:.3f}{ci_text}", fontsize=10)
+    if frac is None:
+        headline = "explained fraction: none (target ~ unmasked source)"
+    else:
+        headline = f"explained fraction {frac:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    ax.set_title(f"mixture weights (95% bootstrap over prompts)\n{headline}", fontsize=10)
     ax = axes[1]
-    grid = np.array([[p["weights"][m] for m in masks] for p in summary["per_prompt"]])
+    grid = np.array([[p["responsibilities"][m] for m in masks] for p in summary["per_prompt"]])
     im = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(np.arange(len(masks)), masks, rotation=45, ha="right", fontsize=8)
     labels = [p["prompt"] if len(p["prompt"]) < 32 else p["prompt"][:30] + "…" for p in summary["per_prompt"]]
     ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
-    ax.set_title("weights fitted per prompt", fontsize=10)
+    ax.set_title("P(mask | reply), mean over each prompt's replies", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax = axes[2]
     residual = np.array(summary["residual_kl"])
     ax.hist(residual, bins=40, color="#95a5a6")
     ax.set_yscale("log")
-    ax.set_xlabel("KL(target || mixture) at a position (nats)")
+    ax.set_xlabel("KL(target || reply-level mixture) at a position (nats)")
     ax.set_title(f"residual per position (mean {residual.mean():.3f})", fontsize=10)
     fig.tight_layout()
     path = Path(out_dir) / "explain.png"
