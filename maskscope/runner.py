@@ -80,6 +80,9 @@ def run(
             store.finish_run(spec.name, "interrupted")
             raise
         store.finish_run(spec.name, "done")
+        from maskscope.metadata import collect
+
+        summary["metadata"] = collect(model, spec, store)
         summary["run"] = {**(store.run_record(spec.name) or {}), "seconds": round(time.time() - started, 2)}
         summary["run"].pop("spec", None)
         if hasattr(model, "request_stats"):
