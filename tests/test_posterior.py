@@ -99,5 +99,37 @@ def test_villain_switch_is_found_where_it_happens(bundled, tmp_path):
     onset = next(i for i in range(len(speaker)) if all(s == "villain" for s in speaker[i:]))
     assert abs(onset - truth) <= 4, (onset, truth)
     assert "villain" not in speaker[: truth - 8]
+    # negative control: replies sampled from the pirate and read back; one speaker, so no switch
+    control = summary["negative_control"]
+    assert control["mask"] == "pirate" and control["with_switch"]["n"] == 6
+    assert control["with_switch"]["k"] == 0, [r["text"] for r in control["replies"] if r["switches_viterbi"]]
+    assert control["read_as_the_sampling_mask"]["k"] >= 5
     for name in ("posterior.csv", "posterior_smoothed.png", "posterior_static.png", "report.html"):
         assert (out / name).stat().st_size > 500
+
+
+def test_negative_control_reads_each_sampled_reply_back(tiny):
+    """The control's replies are the mask's samples, and each reply's switches are those mask_posterior finds
+    reading it back (the numbers the bundled test then requires to be zero)."""
+    from maskscope.experiments.posterior import run as run_posterior
+
+    masks = [{"name": "a", "system": "You are A."}, {"name": "b", "system": "You are B, a pirate."}]
+    spec = PosteriorSpec(name="nc", masks=masks, transcript=[{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello."}],
+                         switch_rate=0.2,
+                         negative_control={"mask": "b", "user": "Hi", "samples": 4, "max_new_tokens": 12})
+    summary = run_posterior(tiny, spec)
+    control = summary["negative_control"]
+    lib = spec.mask_library()
+    ctx = lib.get("b").conversation([Turn(role="user", content="Hi")])
+    samples = tiny.sample(ctx, n=4, max_new_tokens=12, temperature=1.0, seed=0)
+    assert [r["text"] for r in control["replies"]] == [s.text for s in samples if s.text.strip()]
+    for r in control["replies"]:
+        read = mask_posterior(tiny, lib, r["text"], user="Hi", switch_rate=0.2)
+        assert r["switches_viterbi"] == len(read.switches("viterbi"))
+    assert control["with_switch"]["k"] == sum(r["switches_viterbi"] > 0 for r in control["replies"])
+    lo, hi = control["with_switch"]["ci95"]
+    assert 0 <= lo < hi <= 1 and "Wilson" in control["with_switch"]["method"]
+    with pytest.raises(ms.UserError, match="no mask named"):
+        run_posterior(tiny, spec.model_copy(update={"negative_control": spec.negative_control.model_copy(
+            update={"mask": "zzz"})}))

@@ -10,6 +10,11 @@ prompt encoded once, its KV cache reused). Two posteriors are computed from thes
   model whose emissions are the per-token probabilities above). Filtering gives P(m_t | x_<=t), smoothing
   (forward-backward) P(m_t | all tokens), and the Viterbi path the most probable sequence of speakers, whose
   changes are the reported switch points.
+
+A negative control can ride along (`negative_control`): replies sampled from one library mask and read back
+the same way. One speaker wrote each, so the switching model should report no switch; a switch there is a
+false alarm of the method (or masks too alike to tell apart), and the share of replies with one is reported
+with its Wilson interval.
 """
 
 from __future__ import annotations
@@ -20,14 +25,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.special import logsumexp
 
 from maskscope.errors import UserError
 from maskscope.experiments.spec import LibrarySpec
 from maskscope.masks import MaskLibrary, Turn
-from maskscope.models.base import LanguageModel, require
+from maskscope.models.base import LanguageModel, SampleParams, require
 from maskscope.progress import Progress, Silent
+from maskscope.stats import share_ci
+
+
+class NegativeControl(BaseModel):
+    """Replies sampled from one mask and read back: one speaker, so no switch is expected."""
+
+    model_config = ConfigDict(extra="forbid")
+    mask: str = Field(description="The library mask that speaks every control reply.")
+    user: str = Field(description="The user turn the replies answer.")
+    samples: int = Field(6, ge=1, le=1000, description="Control replies sampled.")
+    max_new_tokens: int = Field(40, ge=1, le=2048, description="Length limit of each control reply.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of the control replies.")
+    seed: int = Field(0, description="Seed: reply i is a function of (seed, i).")
 
 
 class PosteriorSpec(LibrarySpec):
@@ -37,6 +55,9 @@ class PosteriorSpec(LibrarySpec):
     transcript: list[Turn] = Field(min_length=1, description="The dialogue; its assistant turns are read.")
     switch_rate: float = Field(
         0.01, gt=0, lt=1, description="Per-token probability that the speaker changes."
+    )
+    negative_control: NegativeControl | None = Field(
+        None, description="Replies sampled from one mask, read back: zero switches expected."
     )
 
     @model_validator(mode="after")
@@ -189,6 +210,7 @@ def run(model: LanguageModel, spec: PosteriorSpec, progress: Progress | None = N
     library = spec.mask_library()
     result = mask_posterior(model, library, spec.transcript, switch_rate=spec.switch_rate, progress=progress)
     final_static = np.exp(result.static[-1])
+    control = None if spec.negative_control is None else negative_control(model, library, spec, progress)
     return {
         "experiment": "posterior",
         "name": spec.name,
@@ -202,6 +224,7 @@ def run(model: LanguageModel, spec: PosteriorSpec, progress: Progress | None = N
         "speaker_viterbi": [result.masks[i] for i in result.viterbi],
         "speaker_smoothed": [result.masks[i] for i in np.argmax(result.smoothed, axis=1)],
         "tokens": result.to_rows(),
+        "negative_control": control,
         "definitions": {
             "static": "Exact. P(mask | tokens so far), the mask fixed for the whole transcript (cumulative Bayes).",
             "smoothed": (
@@ -209,7 +232,53 @@ def run(model: LanguageModel, spec: PosteriorSpec, progress: Progress | None = N
                 f"{spec.switch_rate}; P(mask at t | all tokens) by forward-backward. Switches: where its most "
                 "probable mask changes (smoothed), or where the most probable sequence of speakers changes (viterbi)."
             ),
+            "negative_control": (
+                "Replies sampled from one mask (temperature and seed as given) and read back with the same "
+                "library and switch rate. Expected: no switch. Share of replies with a Viterbi switch: "
+                "sampled, Wilson 95% interval over replies."
+            ),
         },
+    }
+
+
+def negative_control(
+    model: LanguageModel, library: MaskLibrary, spec: PosteriorSpec, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Sample replies from one mask, read each back, and count the switches found (zero expected)."""
+    control = spec.negative_control
+    assert control is not None
+    require(model, "sample", "the posterior's negative control")
+    mask = library.get(control.mask)
+    params = SampleParams(control.max_new_tokens, control.temperature, 1.0, control.seed)
+    ctx = mask.conversation([Turn(role="user", content=control.user)])
+    replies = []
+    for sample in sorted(model.sample_indices(ctx, range(control.samples), params), key=lambda x: x.index):
+        if not sample.text.strip():
+            continue
+        read = mask_posterior(model, library, sample.text, user=control.user, switch_rate=spec.switch_rate)
+        speakers = [library.names[i] for i in np.argmax(read.smoothed, axis=1)]
+        replies.append(
+            {
+                "index": sample.index,
+                "text": sample.text,
+                "tokens": len(read.tokens),
+                "switches_viterbi": len(read.switches("viterbi")),
+                "switches_smoothed": len(read.switches("smoothed")),
+                "speaker": max(set(speakers), key=speakers.count),
+                "final_static_top": library.names[int(np.argmax(read.static[-1]))],
+            }
+        )
+    if not replies:
+        raise UserError("every negative-control reply was empty; raise its max_new_tokens")
+    return {
+        "mask": control.mask,
+        "user": control.user,
+        "expected": "no switch",
+        "replies": replies,
+        "with_switch": share_ci([r["switches_viterbi"] > 0 for r in replies], unit="replies"),
+        "read_as_the_sampling_mask": share_ci(
+            [r["speaker"] == control.mask for r in replies], unit="replies"
+        ),
     }
 
 
