@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -18,6 +19,7 @@ from maskscope.experiments.character import (
     CharacterSpec,
     begins_with_target_tokens,
     classify,
+    sampling_check,
     union_probability,
 )
 from maskscope.report import render_report
@@ -38,6 +40,26 @@ def test_union_probability_counts_contained_events_once():
     p, counted = union_probability([no_dot, no, lower, quoted])
     assert p == pytest.approx(0.2 + 0.1 + 0.05 * 0.25)
     assert sorted(counted) == ["'no'", "No", "no"]
+
+
+def test_sampling_check_is_holm_corrected_over_the_cells():
+    """30 cells whose counts each miss the exact value at the 5% level (the Wilson interval excludes it) are
+    not all flagged: Holm's correction over the family flags none of them, while a cell far off is flagged.
+    The p-values are the exact two-sided binomial test's, checked by summing the binomial pmf."""
+    from scipy.stats import binom
+
+    from maskscope.stats import wilson
+
+    mild = (18, 50, 0.22)  # two-sided p about 0.03: alone, a "significant" miss
+    assert not wilson(18, 50)[0] <= 0.22 <= wilson(18, 50)[1]
+    checks = sampling_check([mild] * 30)
+    pmf = binom.pmf(np.arange(51), 50, 0.22)
+    expected = pmf[pmf <= pmf[18] * (1 + 1e-7)].sum()
+    assert checks[0]["p_value"] == pytest.approx(expected, rel=1e-6) and checks[0]["p_value"] < 0.05
+    assert not any(c["flagged"] for c in checks)
+    far = sampling_check([mild] * 29 + [(40, 50, 0.22)])
+    assert [c["flagged"] for c in far] == [False] * 29 + [True]
+    assert sampling_check([mild])[0]["flagged"]  # a family of one: no correction
 
 
 def test_classify_targets_markers_and_other():
@@ -192,6 +214,10 @@ def test_character_end_to_end_on_the_bundled_model(bundled, tmp_path):
     out = run(EXPERIMENTS["character"], spec, out_root=tmp_path, model=bundled)
     again = json.loads((out / "summary.json").read_text())
     assert again["run"]["misses"] == 0 and again["run"]["hits"] == summary["run"]["misses"]
+    check = summary["sampling_check"]
+    assert check["applies"] and check["cells"] == 6 and "Holm" in check["correction"]
+    assert check["flagged"] == sum(c["sampled"]["begins_with_target_tokens"]["check"]["flagged"]
+                                   for c in summary["cells"])
     assert again["cells"] == summary["cells"]
 
 

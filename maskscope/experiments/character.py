@@ -4,6 +4,9 @@ For every persona x pressure cell:
 - exact: the probability that the reply begins with one of the target strings (teacher forcing);
 - exact: the top-k distribution of the reply's first token;
 - sampled: the rates of "target", "in character" and "other" replies, with Wilson 95% intervals;
+- a sampling check (at temperature 1, top-p 1): the sampled count of replies beginning with the target tokens
+  tested against the exact probability (two-sided exact binomial test), with Holm's correction over all cells,
+  so that a run of 30 cells does not flag about 1.5 of them by chance;
 - a few example replies.
 """
 
@@ -19,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from maskscope.experiments.spec import RunSpec
 from maskscope.models.base import Conversation, LanguageModel, Sample, SampleParams, Scored, require
 from maskscope.progress import Progress, Silent
-from maskscope.stats import wilson
+from maskscope.stats import binomial_two_sided, holm, wilson
 
 CATEGORIES = ("target", "in_character", "other")
 QUOTES = "\"'`*“”‘’«» \t\n"
@@ -137,6 +140,14 @@ def begins_with_target_tokens(sample: Sample, target_tokens: Sequence[Sequence[i
     return any(list(sample.token_ids[: len(t)]) == list(t) for t in target_tokens)
 
 
+def sampling_check(counts: Sequence[tuple[int, int, float]], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """For each cell's (k sampled events, n samples, exact probability): the two-sided exact binomial p-value
+    and whether the cell is flagged after Holm's correction over all the cells (family-wise error alpha)."""
+    p_values = [binomial_two_sided(k, n, p) for k, n, p in counts]
+    flags = holm(p_values, alpha)
+    return [{"p_value": pv, "flagged": f} for pv, f in zip(p_values, flags, strict=True)]
+
+
 def run(model: LanguageModel, spec: CharacterSpec, progress: Progress | None = None) -> dict[str, Any]:
     """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict."""
     progress = progress or Silent()
@@ -219,6 +230,25 @@ def run(model: LanguageModel, spec: CharacterSpec, progress: Progress | None = N
                 },
             }
         )
+    check_applies = bool(spec.samples) and spec.temperature == 1 and spec.top_p == 1
+    if check_applies:
+        checks = sampling_check(
+            [
+                (c["sampled"]["begins_with_target_tokens"]["k"], c["sampled"]["n"], c["exact"]["p_target"])
+                for c in out_cells
+            ]
+        )
+        for c, check in zip(out_cells, checks, strict=True):
+            c["sampled"]["begins_with_target_tokens"]["check"] = check
+    sampling = {
+        "applies": check_applies,
+        "cells": len(out_cells),
+        "flagged": sum(
+            c["sampled"]["begins_with_target_tokens"].get("check", {}).get("flagged", False)
+            for c in out_cells
+        ),
+        "correction": f"Holm over the {len(out_cells)} cells, family-wise error 5%",
+    }
     return {
         "experiment": "character",
         "name": spec.name,
@@ -228,6 +258,7 @@ def run(model: LanguageModel, spec: CharacterSpec, progress: Progress | None = N
         "personas": [p.model_dump() for p in spec.personas],
         "pressures": [q.model_dump() for q in spec.pressures],
         "cells": out_cells,
+        "sampling_check": sampling,
     }
 
 
@@ -244,5 +275,10 @@ DEFINITIONS = {
     "begins_with_target_tokens": (
         "Sampled, Wilson 95% interval. The same event as p_target, counted in the samples: a check of the exact "
         "number when sampling at temperature 1 with top_p 1."
+    ),
+    "sampling_check": (
+        "At temperature 1 and top_p 1, each cell's count is tested against its exact p_target (two-sided exact "
+        "binomial test); a cell is flagged only if the test rejects after Holm's correction over all the cells "
+        "(family-wise error 5%), not whenever its own 95% interval misses the exact value."
     ),
 }
