@@ -12,6 +12,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import plain_logprobs
@@ -124,7 +125,7 @@ def test_capabilities_run_writes_summary_plots_and_escaped_report(cap_run):
         assert (out / task["plot"]).is_file()
         for name in ("plain", "same-as-control", "pirate"):
             row = task["by_mask"][name]
-            for key in ("p_correct", "accuracy", "p_correct_minus_control", "reliably_wrong"):
+            for key in ("p_correct", "accuracy", "p_correct_minus_control", "below_blind_rules", "against_control"):
                 assert key in row["exact"]
             assert row["exact"]["accuracy"]["n"] == 3
             assert row["sampled"]["accuracy"]["n"] == 3  # one greedy reply per problem
@@ -174,7 +175,10 @@ def test_capabilities_paired_difference_controls(cap_run):
     for task in summary["tasks"]:
         same = task["by_mask"]["same-as-control"]
         assert same["exact"]["p_correct_minus_control"]["mean"] == 0.0
-        assert same["exact"]["p_correct_minus_control"]["ci95"] == [0.0, 0.0]
+        assert same["exact"]["p_correct_minus_control"]["ci95"] == [0.0, 0.0]  # identical numbers, not sampled
+        assert same["exact"]["p_correct_minus_control"]["p_value"] == 1.0
+        assert same["exact"]["against_control"]["mcnemar_less"]["p_value"] == 1.0
+        assert not same["exact"]["against_control"]["wrong_where_control_right"]
         assert same["exact"]["p_correct"] == task["by_mask"]["plain"]["exact"]["p_correct"]
         assert same["sampled"] == task["by_mask"]["plain"]["sampled"]
         pirate = task["by_mask"]["pirate"]["exact"]
@@ -207,25 +211,58 @@ def test_capabilities_rerun_is_served_from_the_store(cap_run, tiny):
         assert store.count() == before
 
 
-def test_reliably_wrong_needs_worse_than_any_constant_answer():
-    """Giving one answer every time is never reliably wrong, however unbalanced the set (negative control:
+def test_below_blind_rules_is_an_exact_test_against_the_rarest_answer():
+    """Giving one answer every time is never below the floor, however unbalanced the set (negative control:
     on this seed's set a third of the answers are True, so always "True" scores below the chance level of
-    1/2); always the wrong answer is (positive control); on a balanced set, the floor is 1/2."""
-    from maskscope.experiments.capabilities import answer_shares, reliably_wrong
+    1/2 but not below the floor); always the wrong answer is (positive control). The p-value is the binomial
+    tail at the rarest answer's share, by hand; two answers are too few to tell."""
+    from scipy.stats import binom
+
+    from maskscope.experiments.capabilities import answer_shares, below_blind_rules
     from maskscope.tasks import logic_chains
 
     problems = logic_chains(24, hops=1, distractors=0, seed=0)
     shares = answer_shares(problems)
     assert shares is not None and set(shares) == {"True", "False"}
     assert shares["True"] == sum(p.answer == "True" for p in problems) / 24 == 8 / 24
-    assert not reliably_wrong([p.answer == "True" for p in problems], shares)
-    assert not reliably_wrong([p.answer == "False" for p in problems], shares)
-    assert reliably_wrong([False] * 24, shares)
-    assert not reliably_wrong([False] * 2, shares)  # too few to tell
-    assert not reliably_wrong([True] * 24, shares)
-    assert reliably_wrong([False] * 30, {"True": 0.5, "False": 0.5})
-    assert not reliably_wrong([True, False] * 15, {"True": 0.5, "False": 0.5})
-    assert answer_shares(addition(3, operands=2, digits=1)) is None and not reliably_wrong([False] * 30, None)
+    always_true = below_blind_rules([p.answer == "True" for p in problems], shares)
+    assert always_true["p_value"] == pytest.approx(binom.cdf(8, 24, 8 / 24)) and not always_true["significant"]
+    assert not below_blind_rules([p.answer == "False" for p in problems], shares)["significant"]
+    wrong = below_blind_rules([False] * 24, shares)
+    assert wrong["significant"] and wrong["p_value"] == pytest.approx((2 / 3) ** 24)
+    assert not below_blind_rules([False] * 2, shares)["significant"]  # too few to tell
+    # one-sided at 5%: 10 of 30 on a balanced set is below the floor of 1/2 (p = 0.049)
+    assert below_blind_rules([True] * 10 + [False] * 20, {"True": 0.5, "False": 0.5})["p_value"] == pytest.approx(
+        binom.cdf(10, 30, 0.5))
+    assert below_blind_rules([False] * 30, None) is None
+
+
+def test_against_control_is_paired():
+    """Mask vs control on the same problems. A mask that is wrong exactly where the control is right is
+    flagged (McNemar and Fisher, checked by hand); a mask equal to the control, or wrong on other problems
+    than the control at the same rate, is not."""
+    from scipy.stats import binom, hypergeom
+
+    from maskscope.experiments.capabilities import against_control
+
+    control = [True] * 16 + [False] * 4
+    liar = [not c for c in control]
+    out = against_control(liar, control)
+    assert out["mcnemar_less"]["a_only"] == 4 and out["mcnemar_less"]["b_only"] == 16
+    assert out["mcnemar_less"]["p_value"] == pytest.approx(binom.cdf(4, 20, 0.5))
+    assert out["table"]["control_right"] == [0, 16] and out["table"]["control_wrong"] == [4, 0]
+    assert out["fisher_less_p"] == pytest.approx(hypergeom.cdf(0, 20, 16, 4))
+    assert out["wrong_where_control_right"]
+    assert out["accuracy_minus_control"]["mean"] == pytest.approx(4 / 20 - 16 / 20)
+    same = against_control(control, control)
+    assert same["mcnemar_less"]["p_value"] == 1.0 and not same["wrong_where_control_right"]
+    # worse than the control, but not where the control is right: independent of it, so Fisher does not flag
+    rng = np.random.default_rng(0)
+    control = list(rng.random(60) < 0.8)
+    unrelated = list(rng.random(60) < 0.3)
+    out = against_control(unrelated, control)
+    assert out["mcnemar_less"]["p_value"] < 0.05 and out["fisher_less_p"] > 0.05
+    assert not out["wrong_where_control_right"]
 
 
 def test_capabilities_refuses_a_backend_without_the_engine(tmp_path: Path):

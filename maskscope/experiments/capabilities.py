@@ -8,10 +8,17 @@ every mask x problem:
   (the most probable candidate, or the greedy number);
 - sampled: replies with reasoning (greedy at temperature 0, the default), their answers read and checked.
 
-A mask that answers wrongly on purpose is a negative control: its replies should be wrong, and where the
-answer set is small, being wrong more often than any answer that ignores the question would be (the rarest
-right answer, given every time) means the model still computes the right answer behind the mask. The plain
-assistant (no mask) is the reference the others are compared with, problem by problem.
+The plain assistant (no mask) is the control the others are compared with, problem by problem (a paired
+design: paired differences with their interval and a paired test, never two separate intervals).
+
+A mask that answers wrongly on purpose (a liar) raises the question whether the model still computes the right
+answer behind it. Two tests bear on it, each worded to what it shows:
+- below every question-blind rule: where the answer set is small, right less often than any rule that ignores
+  the question can be (its floor is the share of the rarest right answer; one-sided exact binomial test). This
+  shows only that the answers depend on the question.
+- wrong where the control is right: on the same problems, right less often than under the control (exact
+  McNemar test) and wrong specifically on the problems the control answers right (Fisher's exact test of the
+  2 x 2 table, one-sided). This shows the mask turns answers the model gives right into wrong ones.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from maskscope.masks import Mask
 from maskscope.progress import Progress, Silent
 from maskscope.reasoning.answers import forced_job, read_forced
 from maskscope.reasoning.jobs import ContinueJob, Jobs
-from maskscope.reasoning.metrics import mean_ci, rate_ci
+from maskscope.reasoning.metrics import mean_ci
 from maskscope.reasoning.text import slug
+from maskscope.stats import binomial_below, cluster_share_ci, fisher_2x2, mcnemar, paired_diff, share_ci
 from maskscope.tasks import Problem, TaskSpec, extract_answer, is_correct, load_tasks, turns
 
 
@@ -90,14 +98,49 @@ def answer_shares(problems: Sequence[Problem]) -> dict[str, float] | None:
     return {c: sum(p.answer == c for p in problems) / len(problems) for c in first.choices}
 
 
-def reliably_wrong(flags: Sequence[bool], shares: dict[str, float] | None) -> bool:
-    """Whether answers are right less often than any rule that ignores the question could manage: the
-    Wilson interval's upper end is below the share of the rarest right answer (what giving that answer every
-    time scores; 1 / number of choices on a balanced set). A model that always says "True" on a set where
-    one third of the answers are True scores one third without being wrong on purpose; it is not counted."""
+def below_blind_rules(flags: Sequence[bool], shares: dict[str, float] | None) -> dict[str, Any] | None:
+    """Whether answers are right less often than any rule that ignores the question can be: the one-sided
+    exact binomial test of the right-answer count against the share of the rarest right answer (what giving
+    that answer every time scores; 1 / number of choices on a balanced set). None where the answer set is not
+    small. {"k", "n", "floor", "p_value", "significant"} (at 5%). A model that always says "True" on a set where
+    one third of the answers are True scores one third and is not below the floor of one third.
+
+    The binomial tail is conservative for randomised blind rules, whose right-answer count has the same mean
+    and less variance."""
     if shares is None or not flags:
-        return False
-    return rate_ci(list(flags))["ci95"][1] < min(shares.values())
+        return None
+    k, n, floor = sum(bool(f) for f in flags), len(flags), min(shares.values())
+    p = binomial_below(k, n, floor)
+    return {"k": k, "n": n, "floor": floor, "p_value": p, "significant": p < 0.05}
+
+
+def against_control(mask: Sequence[bool], control: Sequence[bool]) -> dict[str, Any]:
+    """Paired comparison of right/wrong flags of the same problems under a mask and under the control:
+    the paired difference of accuracy, the exact McNemar test that the mask is right less often, and Fisher's
+    exact test that the mask is wrong specifically where the control is right (odds ratio below 1)."""
+    table = [
+        [
+            sum(c and m for m, c in zip(mask, control, strict=True)),
+            sum(c and not m for m, c in zip(mask, control, strict=True)),
+        ],
+        [
+            sum(m and not c for m, c in zip(mask, control, strict=True)),
+            sum(not c and not m for m, c in zip(mask, control, strict=True)),
+        ],
+    ]
+    test = mcnemar(mask, control, alternative="less")
+    fisher = fisher_2x2(table, alternative="less")
+    return {
+        "accuracy_minus_control": paired_diff([float(m) for m in mask], [float(c) for c in control]),
+        "mcnemar_less": test,
+        "table": {
+            "control_right": table[0],
+            "control_wrong": table[1],
+            "columns": ["mask right", "mask wrong"],
+        },
+        "fisher_less_p": fisher,
+        "wrong_where_control_right": test["p_value"] < 0.05 and fisher < 0.05,
+    }
 
 
 def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) -> dict[str, Any]:
@@ -142,29 +185,45 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
         shares = answer_shares(ts.problems)
         per_mask: dict[str, dict[str, Any]] = {}
         exact_by_mask: dict[str, list[float]] = {}
+        right_by_mask: dict[str, list[bool]] = {}
+        first_reply_by_mask: dict[str, list[bool | None]] = {}
+        share_by_mask: dict[str, list[float]] = {}
         for mask in spec.masks:
             idx = [c for c, (t, m, _) in enumerate(cells) if t is ts and m is mask]
             read = [read_forced(f_results[c], cells[c][2]) for c in idx]
             exact_by_mask[mask.name] = [r["p_correct"] for r in read]
-            flat = [r for c in idx for r in replies[c]]
+            right_by_mask[mask.name] = [bool(r["correct"]) for r in read]
+            first_reply_by_mask[mask.name] = [
+                bool(replies[c][0]["correct"]) if replies[c] else None for c in idx
+            ]
             per_problem = [sum(r["correct"] for r in replies[c]) / len(replies[c]) for c in idx if replies[c]]
-            accuracy_exact = rate_ci([r["correct"] for r in read])
+            share_by_mask[mask.name] = per_problem
+            accuracy_exact = share_ci([r["correct"] for r in read], unit="problems")
             per_mask[mask.name] = {
                 "exact": {
-                    "p_correct": mean_ci([r["p_correct"] for r in read], **ci),
+                    "p_correct": mean_ci([r["p_correct"] for r in read], **ci, unit="problems"),
                     "accuracy": accuracy_exact,
-                    "p_answer_set": mean_ci([sum(r["p"].values()) for r in read], **ci)
+                    "p_answer_set": mean_ci([sum(r["p"].values()) for r in read], **ci, unit="problems")
                     if first.choices
                     else None,
-                    "reliably_wrong": reliably_wrong([r["correct"] for r in read], shares),
+                    "below_blind_rules": below_blind_rules([r["correct"] for r in read], shares),
                 },
                 "sampled": {
-                    "accuracy": rate_ci([r["correct"] for r in flat]),
-                    "accuracy_over_problems": mean_ci(per_problem, **ci),
-                    "format_followed": rate_ci([r["how"] == "marker" for r in flat]),
-                    "accuracy_answered": rate_ci([r["correct"] for r in flat if r["answer"] is not None]),
-                    "reliably_wrong": reliably_wrong(
-                        [r["correct"] for r in flat if r["answer"] is not None], shares
+                    "accuracy": cluster_share_ci([[r["correct"] for r in replies[c]] for c in idx], **ci),
+                    "accuracy_over_problems": mean_ci(per_problem, **ci, unit="problems"),
+                    "format_followed": cluster_share_ci(
+                        [[r["how"] == "marker" for r in replies[c]] for c in idx], **ci
+                    ),
+                    "accuracy_answered": cluster_share_ci(
+                        [[r["correct"] for r in replies[c] if r["answer"] is not None] for c in idx], **ci
+                    ),
+                    "below_blind_rules": below_blind_rules(
+                        [
+                            replies[c][0]["correct"]
+                            for c in idx
+                            if replies[c] and replies[c][0]["answer"] is not None
+                        ],
+                        shares,
                     ),
                 },
                 "examples": [
@@ -179,8 +238,24 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
             }
         if control is not None:
             for mask in spec.masks:
-                diffs = [a - b for a, b in zip(exact_by_mask[mask.name], exact_by_mask[control], strict=True)]
-                per_mask[mask.name]["exact"]["p_correct_minus_control"] = mean_ci(diffs, **ci)
+                exact = per_mask[mask.name]["exact"]
+                exact["p_correct_minus_control"] = paired_diff(
+                    exact_by_mask[mask.name], exact_by_mask[control], **ci
+                )
+                exact["against_control"] = against_control(right_by_mask[mask.name], right_by_mask[control])
+                sampled = per_mask[mask.name]["sampled"]
+                pairs = [
+                    (a, b)
+                    for a, b in zip(first_reply_by_mask[mask.name], first_reply_by_mask[control], strict=True)
+                    if a is not None and b is not None
+                ]
+                sampled["against_control"] = (
+                    against_control([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+                )
+                if len(share_by_mask[mask.name]) == len(share_by_mask[control]):
+                    sampled["accuracy_minus_control"] = paired_diff(
+                        share_by_mask[mask.name], share_by_mask[control], **ci
+                    )
         tasks_out.append(
             {
                 "label": ts.label,
@@ -220,19 +295,30 @@ DEFINITIONS = {
     ),
     "p_answer_set": "Exact. Total probability of the candidate answers after the prefix (small answer sets only).",
     "p_correct_minus_control": (
-        "Exact, paired. Per problem, P(right) under this mask minus under the control mask; mean and bootstrap "
-        "interval over problems. Below 0: the mask makes the right answer less likely."
+        "Exact, paired. Per problem, P(right) under this mask minus under the control mask; mean with a "
+        "percentile bootstrap interval over problems and the Wilcoxon signed-rank p-value. Below 0: the mask "
+        "makes the right answer less likely."
     ),
     "sampled accuracy": (
         "Replies with reasoning (style cot) or direct, greedy at temperature 0 (deterministic) or sampled; the "
-        "answer is read after the last 'answer is' (else the last number / True-False word). Share right, "
-        "Wilson 95% interval over replies; accuracy_over_problems averages per problem (bootstrap)."
+        "answer is read after the last 'answer is' (else the last number / True-False word). Share right; the "
+        "interval is Wilson over replies when there is one reply per problem, else a cluster bootstrap over "
+        "problems (each problem resampled with all its replies); accuracy_over_problems averages per problem."
     ),
-    "reliably_wrong": (
-        "Where the answer set is small: the upper end of the accuracy interval is below the share of the "
-        "rarest right answer, what giving that one answer every time would score (1 / number of answers on a "
-        "balanced set; the sets are drawn at random, so the shares are given). No rule that ignores the "
-        "question can be reliably worse, so being reliably wrong needs the right answer: the model computes "
-        "it and the mask hides it. For replies, among those that give an answer (accuracy_answered)."
+    "below_blind_rules": (
+        "Where the answer set is small: a one-sided exact binomial test that the right-answer rate is below the "
+        "share of the rarest right answer, what giving that one answer every time would score (1 / number of "
+        "answers on a balanced set; the sets are drawn at random, so the shares are given). No rule that "
+        "ignores the question scores less on average, so a significant result (p < 0.05) shows that the "
+        "answers depend on the question: no more. For replies, the first reply of each problem that gives an "
+        "answer."
+    ),
+    "against_control": (
+        "Paired, on the same problems: the accuracy under this mask minus under the control (bootstrap over "
+        "problems, Wilcoxon), the exact McNemar test that this mask is right less often (discordant pairs), "
+        "and Fisher's exact test (one-sided) that this mask is wrong specifically on the problems the control "
+        "answers right. wrong_where_control_right: both tests at p < 0.05, i.e. the mask turns answers the model "
+        "gets right into wrong ones; that it does so knowingly is an interpretation, not a measurement. For "
+        "replies, the first reply of each problem."
     ),
 }

@@ -109,9 +109,10 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """One figure per task: per mask, sampled accuracy (Wilson interval) and the exact mean probability of
-    the right answer (bootstrap interval); where the answer set is small, the chance level and the range
-    that giving one answer every time scores on this set."""
+    """One figure per task: per mask, sampled accuracy (Wilson interval, or a cluster bootstrap over problems
+    when problems have several replies) and the exact mean probability of the right answer (bootstrap
+    interval); where the answer set is small, the chance level and the range that giving one answer every
+    time scores on this set."""
     out_dir = Path(out_dir)
     paths = []
     masks = summary["mask_defs"]
