@@ -362,6 +362,11 @@ def test_prefill_run_writes_summary_plot_and_escaped_report(pre_run):
             assert ex["prefill"].endswith("." if name != "markup" else ex["answer"])
     wrong_examples = summary["by_prefill"]["wrong"]["examples"]
     assert all(ex["prefill"] != f"The answer is {ex['answer']}." for ex in wrong_examples)
+    # four continuations nest in each problem: the intervals say so
+    for cat in summary["categories"]:
+        v = summary["by_prefill"]["wrong"]["sampled"]["categories"][cat]
+        assert v["clusters"] == 3 and ("cluster" in v["method"] or "problems as units" in v["method"])
+        assert v["ci95"][1] > v["ci95"][0]
     html = (out / "report.html").read_text()
     assert SCRIPT not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     from maskscope.report import render_report
@@ -398,6 +403,27 @@ def test_prefill_marker_probabilities_equal_model_score(pre_run, tiny):
         summary["by_prefill"]["wrong"]["exact"]["per_marker"][" Wait"]["mean"]
         != summary["by_prefill"]["right"]["exact"]["per_marker"][" Wait"]["mean"]
     )
+
+
+def test_prefill_wrong_minus_right_is_paired(pre_run, tiny):
+    """The wrong prefill is compared with the right one (the control) problem by problem: the paired mean is
+    the mean of per-problem differences of model.score's numbers, its p-value the signed-rank test's; the
+    control is not compared with itself."""
+    from scipy.stats import wilcoxon
+
+    _, _, summary = pre_run
+    assert summary["control"] == "right" and set(summary["minus_control"]) == {"wrong", "markup"}
+    per = {}
+    for name in ("wrong", "right"):
+        per[name] = [sum(s.prob for s in tiny.score(ctx, [" Wait", " Sorry", "\n\nActually"]))
+                     for ctx in _contexts(summary, name)]
+    diffs = np.subtract(per["wrong"], per["right"])
+    paired = summary["minus_control"]["wrong"]["p_marker"]
+    assert paired["mean"] == pytest.approx(diffs.mean(), rel=1e-5, abs=1e-12)
+    assert paired["n"] == 3 and paired["p_value"] == pytest.approx(wilcoxon(diffs).pvalue)
+    assert paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+    for cat in summary["categories"]:
+        assert cat in summary["minus_control"]["wrong"]
 
 
 def test_prefill_samples_are_seeded_and_resume(pre_run, tiny):

@@ -7,10 +7,12 @@ The assistant's turn is forced to begin with a prefill, for example a wrong answ
   " Wait", " Sorry", " Actually", " Correction"), the probability that it goes on with at least one of them
   (the union, counting nested markers once) and the probability that it ends right there;
 - sampled: continuations at temperature 1, sorted into categories (ends, states the right answer, a
-  self-correction marker, other), with Wilson intervals.
+  self-correction marker, other); several continuations belong to one problem, so their intervals are a
+  cluster bootstrap over problems.
 
 The prefill with the right answer is the control: markers after it measure how often the model "corrects"
-an answer that needed no correction.
+an answer that needed no correction. Every prefill is compared with the control on the same problems (a paired
+design): the mean per-problem difference with a bootstrap interval over problems and a Wilcoxon signed-rank test.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from maskscope.masks import Mask
 from maskscope.models.base import Scored
 from maskscope.progress import Progress, Silent
 from maskscope.reasoning.jobs import ContinueJob, Jobs
-from maskscope.reasoning.metrics import mean_ci, rate_ci
+from maskscope.reasoning.metrics import mean_ci
+from maskscope.stats import cluster_share_ci, paired_diff
 from maskscope.tasks import Problem, TaskSpec, load_tasks, turns, wrong_answer
 
 CATEGORIES = ("ends", "states_right", "self_correction", "other")
@@ -190,10 +193,12 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
 
     ci = {"seed": spec.seed, "resamples": spec.bootstrap}
     by_prefill: dict[str, Any] = {}
+    per_problem: dict[str, dict[str, list[float]]] = {}
     for q in spec.prefills:
         idx = [c for c, (qq, _) in enumerate(cells) if qq is q]
         union, per_marker = [], {m: [] for m in spec.markers}
         labels: list[str] = []
+        groups: list[list[str]] = []
         examples = []
         for c in idx:
             cell_scores = [s for s in scores[c][: len(spec.markers)] if s is not None]
@@ -202,8 +207,10 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
                 per_marker[s.continuation].append(s.prob)
             k = cells[c][1]
             p = problems[k][1]
+            groups.append([])
             for r in results[c * spec.samples : (c + 1) * spec.samples]:
                 labels.append(categorize(r["text"], p, pattern))
+                groups[-1].append(labels[-1])
                 if len(examples) < spec.examples:
                     examples.append(
                         {
@@ -216,16 +223,38 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
                     )
         by_prefill[q.name] = {
             "exact": {
-                "p_marker": mean_ci(union, **ci),
-                "p_end": mean_ci([p_end[c] for c in idx], **ci),
-                "per_marker": {m: mean_ci(v, **ci) for m, v in per_marker.items()},
+                "p_marker": mean_ci(union, **ci, unit="problems"),
+                "p_end": mean_ci([p_end[c] for c in idx], **ci, unit="problems"),
+                "per_marker": {m: mean_ci(v, **ci, unit="problems") for m, v in per_marker.items()},
             },
             "sampled": {
                 "n": len(labels),
-                "categories": {cat: rate_ci([lab == cat for lab in labels]) for cat in CATEGORIES},
+                "categories": {
+                    cat: cluster_share_ci([[lab == cat for lab in g] for g in groups], **ci)
+                    for cat in CATEGORIES
+                },
             },
             "examples": examples,
         }
+        per_problem[q.name] = {
+            "p_marker": union,
+            "p_end": [p_end[c] for c in idx],
+            **{
+                cat: [sum(lab == cat for lab in g) / len(g) for g in groups]
+                for cat in CATEGORIES
+                if spec.samples
+            },
+        }
+    control = next((q.name for q in spec.prefills if q.control), None)
+    paired: dict[str, Any] = {}
+    if control is not None:
+        for q in spec.prefills:
+            if q.name == control:
+                continue
+            paired[q.name] = {
+                metric: paired_diff(values, per_problem[control][metric], **ci)
+                for metric, values in per_problem[q.name].items()
+            }
     return {
         "experiment": "prefill",
         "name": spec.name,
@@ -236,6 +265,8 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
         "categories": list(CATEGORIES),
         "n_problems": len(problems),
         "by_prefill": by_prefill,
+        "control": control,
+        "minus_control": paired,
         "cache": {"hits": jobs.hits, "misses": jobs.misses},
     }
 
@@ -261,8 +292,15 @@ DEFINITIONS = {
         "At temperature 1 the sampled share of 'ends' estimates the mean exact p_end: the two should agree "
         "within the interval."
     ),
+    "minus_control": (
+        "Paired, on the same problems: per problem, this prefill's number minus the control prefill's (exact "
+        "probabilities, or the share of a problem's sampled continuations in a category); mean with a "
+        "percentile bootstrap interval over problems and the Wilcoxon signed-rank p-value."
+    ),
     "categories": (
-        "Sampled (Wilson 95% intervals over all continuations). 'ends': nothing follows; 'states_right': the "
+        "Sampled; several continuations per problem, so the 95% interval is a cluster bootstrap over problems "
+        "(each problem resampled with all its continuations; Wilson when there is one per problem). 'ends': "
+        "nothing follows; 'states_right': the "
         "right answer appears as a whole word; 'self_correction': otherwise, a marker word (wait, sorry, "
         "actually, correction, oops, apologize, mistake, incorrect, wrong) appears; 'other': none of these."
     ),
