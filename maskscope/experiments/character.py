@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from maskscope.experiments.spec import RunSpec
 from maskscope.models.base import Conversation, LanguageModel, Sample, SampleParams, Scored, require
 from maskscope.progress import Progress, Silent
-from maskscope.stats import binomial_two_sided, holm, wilson
+from maskscope.stats import binomial_two_sided, holm, share_ci
 
 CATEGORIES = ("target", "in_character", "other")
 QUOTES = "\"'`*“”‘’«» \t\n"
@@ -191,13 +191,8 @@ def run(model: LanguageModel, spec: CharacterSpec, progress: Progress | None = N
         cell_samples = sorted(samples[c], key=lambda s: s.index)
         labels = [classify(s, spec.targets, markers) for s in cell_samples]
         n = len(cell_samples)
-        rates = {}
-        for cat in CATEGORIES:
-            k = labels.count(cat)
-            lo, hi = wilson(k, n)
-            rates[cat] = {"k": k, "n": n, "rate": k / n if n else None, "ci95": [lo, hi]}
-        k_tok = sum(begins_with_target_tokens(s, target_tokens) for s in cell_samples)
-        lo, hi = wilson(k_tok, n)
+        rates = {cat: share_ci([lab == cat for lab in labels], unit="replies") for cat in CATEGORIES}
+        begins = share_ci([begins_with_target_tokens(s, target_tokens) for s in cell_samples], unit="replies")
         out_cells.append(
             {
                 "persona": persona.name,
@@ -217,12 +212,7 @@ def run(model: LanguageModel, spec: CharacterSpec, progress: Progress | None = N
                 "sampled": {
                     "n": n,
                     "categories": rates,
-                    "begins_with_target_tokens": {
-                        "k": k_tok,
-                        "n": n,
-                        "rate": k_tok / n if n else None,
-                        "ci95": [lo, hi],
-                    },
+                    "begins_with_target_tokens": begins,
                     "examples": [
                         {"index": s.index, "text": s.text, "category": lab}
                         for s, lab in list(zip(cell_samples, labels, strict=True))[: spec.examples]
