@@ -3,6 +3,7 @@ layer that refuses what it does not cache, typed capabilities, and a light `impo
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -134,3 +135,46 @@ def test_import_maskscope_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    text = (Path(__file__).parent.parent / "docs" / "experiments.md").read_text()
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_the_worked_example_of_a_new_experiment_runs(tiny, tmp_path: Path, monkeypatch):
+    """docs/experiments.md's example, taken from the page: module, template, registry line and spec."""
+    import types
+
+    import jinja2
+    import yaml
+
+    from maskscope import experiments, report
+    from maskscope.runner import parse_spec
+
+    module = types.ModuleType("maskscope.experiments.first_words")
+    exec(compile(_doc_blocks("python")[0], "first_words.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    entry = eval(_doc_blocks("text")[0].split(":", 1)[1].strip().rstrip(","), vars(experiments))
+    monkeypatch.setitem(experiments.EXPERIMENTS, "first_words", entry)
+    experiment, spec = parse_spec(yaml.safe_load(_doc_blocks("yaml")[0]))
+    with pytest.raises(UserError, match="field 'words'"):
+        parse_spec({"experiment": "first_words", "name": "x", "prompts": ["a"], "words": []})
+
+    with Store(tmp_path / "s.sqlite") as store:
+        cached = CachedModel(tiny, store)
+        summary = experiment.run(cached, spec)
+        assert cached.misses == 4 and experiment.run(cached, spec) == summary and cached.hits == 4
+    for row in summary["rows"]:
+        ctx = ms.Conversation.of(user=row["prompt"])
+        assert row["p"] == {
+            s.continuation: pytest.approx(s.prob, rel=1e-5) for s in tiny.score(ctx, spec.words)
+        }
+
+    loader = jinja2.ChoiceLoader(
+        [jinja2.DictLoader({"first_words.html": _doc_blocks("html")[0]}), report._environment().loader]
+    )
+    env = jinja2.Environment(loader=loader, autoescape=True)
+    summary["rows"][0]["prompt"] = "<script>alert(1)</script>"
+    html = env.get_template("first_words.html").render(s=summary, spec_yaml="", version="x")
+    assert "<!doctype html>" in html and "&lt;script&gt;" in html and "<script>" not in html
