@@ -73,9 +73,18 @@ def run(
                 server=getattr(spec, "server", None),
             )
         cached = CachedModel(model, store)
+        extra = {
+            role: CachedModel(
+                load_model(name, precision=getattr(spec, "precision", "fp32"), progress=progress.note), store
+            )
+            for role, name in spec.extra_models().items()
+        }
         store.start_run(spec.name, spec.model_dump())
         try:
-            summary = experiment.run(cached, spec, progress)
+            if extra:
+                summary = experiment.run(cached, spec, progress, models=extra)
+            else:
+                summary = experiment.run(cached, spec, progress)
         except BaseException:
             store.finish_run(spec.name, "interrupted")
             raise

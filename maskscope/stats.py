@@ -92,7 +92,7 @@ def mean_ci(
         confidence_level=confidence,
         n_resamples=resamples,
         method="percentile",
-        random_state=np.random.default_rng(seed),
+        rng=np.random.default_rng(seed),
     )
     return {
         "mean": mean,
@@ -170,7 +170,7 @@ def paired_diff(
         confidence_level=confidence,
         n_resamples=resamples,
         method="percentile",
-        random_state=np.random.default_rng(seed),
+        rng=np.random.default_rng(seed),
     )
     ci95 = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
     return {"mean": mean, "ci95": ci95, "n": n, "p_value": p_value, "method": method}

@@ -25,6 +25,11 @@ class RunSpec(BaseModel):
         None, description="For openai:URL#MODEL: tokenizer, concurrency, timeouts and retries."
     )
 
+    def extra_models(self) -> dict[str, str]:
+        """Models the experiment uses besides `model`, by role (e.g. {"writer": "hf:DIR"}); the runner loads
+        each, wraps it in the store and hands them to the experiment's run(..., models=...)."""
+        return {}
+
     @model_validator(mode="after")
     def _server_for_servers(self) -> RunSpec:
         if self.server is not None and not self.model.startswith("openai:"):
