@@ -233,3 +233,20 @@ def test_controls_on_the_bundled_model(bundled):
     assert mix["explained_fraction"] > 0.98
     assert mix["per_position"]["explained_fraction"] < mix["explained_fraction"] - 0.05
     assert mix["weights"]["pirate"] + mix["weights"]["child"] > 0.98
+
+
+def test_target_model_is_loaded_by_the_runner(tiny, tiny_dir, tmp_path):
+    """target.model is another model the runner loads (here the tiny model again, under a hidden mask): the fit
+    finds the mask; called without the runner, the experiment refuses in one line instead of loading it."""
+    from maskscope.experiments import EXPERIMENTS, explain
+    from maskscope.runner import run
+
+    spec = ExplainSpec(name="other-model", masks=TINY_LIBRARY, target={"model": f"hf:{tiny_dir}", "mask": "b"},
+                       prompts=PROMPTS[:2], max_new_tokens=6, bootstrap=5, top_k=16)
+    assert spec.extra_models() == {"target": f"hf:{tiny_dir}"}
+    out = run(EXPERIMENTS["explain"], spec, out_root=tmp_path, model=tiny)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"]["b"] > 0.99 and summary["explained_fraction"] > 0.999
+    with pytest.raises(ms.UserError, match="models=") as e:
+        explain.run(tiny, spec)
+    assert "\n" not in str(e.value)

@@ -125,6 +125,10 @@ class ExplainSpec(LibrarySpec):
         ),
     )
 
+    def extra_models(self) -> dict[str, str]:
+        """The target, when it is another model: loaded by the runner and passed as models["target"]."""
+        return {} if self.target.model is None else {"target": self.target.model}
+
     @model_validator(mode="after")
     def _mixture_masks_exist(self) -> ExplainSpec:
         if self.target.mixture is not None and self.masks is not None:
@@ -324,7 +328,12 @@ def _fraction(kl: float, kl_base: float) -> float:
     return 1.0 - kl / kl_base if kl_base > 0 else float("nan")
 
 
-def run(model: LanguageModel, spec: ExplainSpec, progress: Progress | None = None) -> dict[str, Any]:
+def run(
+    model: LanguageModel,
+    spec: ExplainSpec,
+    progress: Progress | None = None,
+    models: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run the experiment: sample responses from the target, read every distribution, fit, bootstrap."""
     progress = progress or Silent()
     require(model, "support_logprobs", "the explain experiment")
@@ -336,11 +345,9 @@ def run(model: LanguageModel, spec: ExplainSpec, progress: Progress | None = Non
     hidden = spec.target.conditioning(library)
     target_model = model
     if spec.target.model is not None:
-        from maskscope.models.registry import load_model
-        from maskscope.store import CachedModel
-
-        inner = load_model(spec.target.model, precision=spec.precision, progress=progress.note)
-        target_model = CachedModel(inner, model.store) if hasattr(model, "store") else inner
+        if not models or "target" not in models:
+            raise UserError("target.model is loaded by the runner: pass it as models={'target': model}")
+        target_model = models["target"]
         if target_model.tokenizer.get_vocab() != model.tokenizer.get_vocab():  # type: ignore[attr-defined]
             raise UserError("the target and the source must share a tokenizer (the same vocabulary)")
         require(target_model, "support_logprobs", "the explain experiment's target")
