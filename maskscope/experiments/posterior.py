@@ -208,6 +208,8 @@ def mask_posterior(
 def run(model: LanguageModel, spec: PosteriorSpec, progress: Progress | None = None) -> dict[str, Any]:
     """Run the experiment; the per-token table is in the summary's `tokens` and written as CSV by `plots`."""
     library = spec.mask_library()
+    if spec.negative_control is not None:  # refuse an unknown mask before any work
+        library.get(spec.negative_control.mask)
     result = mask_posterior(model, library, spec.transcript, switch_rate=spec.switch_rate, progress=progress)
     final_static = np.exp(result.static[-1])
     control = None if spec.negative_control is None else negative_control(model, library, spec, progress)
@@ -264,7 +266,7 @@ def negative_control(
                 "tokens": len(read.tokens),
                 "switches_viterbi": len(read.switches("viterbi")),
                 "switches_smoothed": len(read.switches("smoothed")),
-                "speaker": max(set(speakers), key=speakers.count),
+                "speaker": max(library.names, key=speakers.count),  # ties: the first in the library
                 "final_static_top": library.names[int(np.argmax(read.static[-1]))],
             }
         )
