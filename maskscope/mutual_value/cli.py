@@ -176,7 +176,10 @@ def mutual_value_command(
         typer.Option("--ties", help="Tie rule of the headline solve: even, first, last or random:SEED."),
     ] = "even",
     random_orders: Annotated[
-        int, typer.Option("--random-orders", help="Seeded random tie orders in the sweep (besides even, first, last).")
+        int,
+        typer.Option(
+            "--random-orders", help="Seeded random tie orders in the sweep (besides even, first, last)."
+        ),
     ] = 3,
     damping: Annotated[
         float, typer.Option("--damping", help="Weight of each new value estimate in the update, in (0, 1].")

@@ -184,16 +184,22 @@ def state_values(
     return vx, vy
 
 
-def exchange_direction(a: float, b: float, near: np.ndarray, zero_tol: float = 1e-9) -> np.ndarray | None:
+def exchange_direction(
+    a: float, b: float, near: np.ndarray, zero_tol: float = 1e-9, x_positive: bool = True
+) -> np.ndarray | None:
     """The eigenvector (|m_X| + |m_Y| = 1) of M's largest real eigenvalue sqrt(ab), with the sign nearer
-    ``near``; None when ab <= 0 (no positive real eigenvalue)."""
+    ``near`` (when both are equally near: m_X > 0 if ``x_positive``, else m_Y > 0); None when ab <= 0 (no
+    positive real eigenvalue)."""
     if a * b <= zero_tol:
         return None
     v = np.array([a / math.sqrt(a * b), 1.0])
     v /= np.abs(v).sum()
     if a > 0:
         return v
-    return v if float(v @ near) >= 0 else -v
+    dot = float(v @ near)
+    if abs(dot) <= 1e-12:
+        return v if (v[0] > 0) == x_positive else -v
+    return v if dot > 0 else -v
 
 
 def intrinsic_solution(a: float, b: float, u: tuple[float, float]) -> np.ndarray | None:
@@ -228,7 +234,8 @@ def solve(
     scale_tol: float = 1e-6,
 ) -> MutualValueResult:
     """Find a mutual-value policy and its values under one reading of the definition and one tie rule,
-    starting from the marginal values ``start`` and the tie rule's indifferent policy; never more than
+    starting from the marginal values ``start`` and the tie rule's indifferent policy (where the sign of
+    the exchange reading's answer is open, m_X > 0 if start_X >= start_Y, else m_Y > 0); never more than
     ``max_iterations`` rounds. ``damping`` is the weight of the new estimate in each update (0 < d <= 1)."""
     definition = Definition(definition)
     per_unit = PerUnit(per_unit)
@@ -246,6 +253,7 @@ def solve(
         if not np.abs(m).sum() > 0:
             raise ValueError("the start of the exchange reading must be non-zero")
         m = m / np.abs(m).sum()
+    x_positive = start[0] >= start[1]  # the sign choice when a = b < 0 leaves it open
     w = space.indifferent_policy(ties)
     seen: dict[tuple[bytes, tuple[float, ...]], int] = {}
     policies: list[bytes] = []
@@ -257,7 +265,9 @@ def solve(
     for it in range(1, max_iterations + 1):
         rt = round_trip(space, w, per_unit)
         a, b = rt.y_per_x, rt.x_per_y
-        target = exchange_direction(a, b, m, zero_tol) if exchange else intrinsic_solution(a, b, u)
+        target = (
+            exchange_direction(a, b, m, zero_tol, x_positive) if exchange else intrinsic_solution(a, b, u)
+        )
         pump = not exchange and target is None
         if pump:  # the series sum_k M^k u diverges under w: follow its partial sums
             m_new = np.asarray(u) + rt.matrix @ m
@@ -289,8 +299,23 @@ def solve(
             cycle = period
             break
         seen[key] = it
-    return _finish(space, definition, per_unit, ties, u, start, m, w, status, it, cycle, history, zero_tol,
-                   scale_tol, max_iterations)
+    return _finish(
+        space,
+        definition,
+        per_unit,
+        ties,
+        u,
+        start,
+        m,
+        w,
+        status,
+        it,
+        cycle,
+        history,
+        zero_tol,
+        scale_tol,
+        max_iterations,
+    )
 
 
 def _finish(
@@ -332,7 +357,7 @@ def _finish(
         elif ab < 0:
             status = Status.ROTATING
         else:
-            direction = exchange_direction(a, b, m, zero_tol)
+            direction = exchange_direction(a, b, m, zero_tol, start[0] >= start[1])
             assert direction is not None
             m = direction
             scale = 1.0 / radius

@@ -78,8 +78,12 @@ class TieSpread:
     def robust_values(self) -> bool:
         """Whether every tie rule gives the same status and the same marginal values and start value."""
         scale = 1.0 + max(
-            (abs(v) for r in self.results.values() for v in (r.price_x, r.price_y, _start_value(r))
-             if math.isfinite(v)),
+            (
+                abs(v)
+                for r in self.results.values()
+                for v in (r.price_x, r.price_y, _start_value(r))
+                if math.isfinite(v)
+            ),
             default=0.0,
         )
         spreads = (self.spread_x, self.spread_y, self.spread_value)
@@ -111,7 +115,9 @@ class TieSpread:
 
 
 def tie_spread(
-    space: StateSpace, rules: Sequence[str] | None = None, done: dict[str, MutualValueResult] | None = None,
+    space: StateSpace,
+    rules: Sequence[str] | None = None,
+    done: dict[str, MutualValueResult] | None = None,
     **kwargs: Any,
 ) -> TieSpread:
     """Solve under each tie rule (default: :func:`sweep_rules`) with the other settings in ``kwargs``;
@@ -209,9 +215,14 @@ def fixed_points(
         if _close(p.price_x, p.price_y) and _close(p.value_x, p.value_y):
             continue
         for j, o in enumerate(points):
-            if j != i and o.status == p.status and _close(p.price_x, o.price_y) and _close(
-                p.price_y, o.price_x
-            ) and _close(p.value_x, o.value_y) and _close(p.value_y, o.value_x):
+            if (
+                j != i
+                and o.status == p.status
+                and _close(p.price_x, o.price_y)
+                and _close(p.price_y, o.price_x)
+                and _close(p.value_x, o.value_y)
+                and _close(p.value_y, o.value_x)
+            ):
                 p.mirror = j
                 break
     return FixedPointSearch(points, unsettled)
