@@ -247,4 +247,4 @@ def mutual_value_command(
         written = plot_game(r, target)
     except OSError as err:
         raise UserError(f"cannot write the picture to {target}: {err.strerror or err}") from None
-    console.print(f"picture: {written}")
+    console.print(f"picture: {written}", soft_wrap=True)
