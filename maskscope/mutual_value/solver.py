@@ -281,12 +281,12 @@ def solve(
         history.append((float(m_new[0]), float(m_new[1]), changed))
         delta = float(np.abs(m_new - m).sum())
         settled = changed == 0 and delta <= tol * (1.0 + float(np.abs(m).sum()))
-        pump_runs = pump_runs + 1 if pump and changed == 0 else 0
+        pump_runs = pump_runs + 1 if pump else 0
         m, w = m_new, w_new
         if settled:
             status = Status.CONVERGED
             break
-        if pump_runs >= 3:  # the policy stays where value diverges while the values grow
+        if pump_runs >= 3:  # three rounds in a row under policies whose value diverges, values growing
             status = Status.MONEY_PUMP
             break
         key = (np.round(w, 12).tobytes(), tuple(np.round(m, 9).tolist()))

@@ -104,12 +104,25 @@ class TieSpread:
         if self.robust:
             return f"robust to the tie rule: all {len(self.results)} rules give the same plan and values"
         statuses = sorted(set(self.statuses.values()))
+        finite = [r for r in self.results.values() if math.isfinite(_start_value(r))]
+        if not finite:
+            spread = "no rule gives finite values"
+        elif len(finite) < len(self.results):
+            spread = (
+                f"{len(self.results) - len(finite)} rule(s) give no finite values; among the others m_X spans "
+                f"{_range(r.price_x for r in finite):.4g}, m_Y {_range(r.price_y for r in finite):.4g}, "
+                f"V_X+V_Y at the start {_range(_start_value(r) for r in finite):.4g}"
+            )
+        else:
+            spread = (
+                f"spread of m_X {self.spread_x:.4g}, of m_Y {self.spread_y:.4g}, "
+                f"of V_X+V_Y at the start {self.spread_value:.4g}"
+            )
         parts = [
             f"plan {'the same' if self.robust_plan else f'differs ({len(self.plans)} distinct plans)'}",
             f"values {'the same' if self.robust_values else 'differ'}",
             f"status {' / '.join(statuses)}",
-            f"spread of m_X {self.spread_x:.4g}, of m_Y {self.spread_y:.4g}, "
-            f"of V_X+V_Y at the start {self.spread_value:.4g}",
+            spread,
         ]
         return f"NOT robust to the tie rule ({len(self.results)} rules): " + "; ".join(parts)
 
