@@ -1,5 +1,7 @@
 """Mutual-value planning: the value of X is the value of the Y it brings, and the value of Y is the value of
-the X it brings. Games, the fixed-point solver, the boring baselines and the comparison between them."""
+the X it brings. Games, the fixed-point solver under three readings of that definition (intrinsic plus
+instrumental value, the default; the exchange rate; the literal one), the tie-rule sweep and fixed-point
+search, the boring baselines and the comparison between them."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from maskscope.mutual_value.sweep import (
 
 @dataclass
 class Analysis:
-    """A game solved by the mutual-value planner and the three baselines, with the comparisons."""
+    """A game solved by the mutual-value planner and the three baselines, with the comparisons, the
+    planner under every tie rule of the sweep, and every fixed point found."""
 
     game: Game
     space: StateSpace

@@ -140,7 +140,7 @@ class MutualValueResult:
         }
 
 
-def round_trip(space: StateSpace, w: np.ndarray, per_unit: PerUnit | str = PerUnit.AVERAGE) -> RoundTrip:
+def round_trip(space: StateSpace, w: np.ndarray, per_unit: PerUnit | str = PerUnit.MARGINAL) -> RoundTrip:
     """B_X, B_Y and the start's per-unit rates a (Y per unit X) and b (X per unit Y) under policy ``w``:
     one-unit counterfactuals (``per_unit="marginal"``) or averages over the units above baseline."""
     gx, gy = space.discounted_gains(w)
