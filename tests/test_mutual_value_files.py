@@ -112,12 +112,19 @@ def corrupted(draw: st.DrawFn) -> tuple[str, bytes, str]:
         )
     )
     if kind == "wrong-type":
-        mapping, key = draw(st.sampled_from(_numbers(spec) + _required(spec)))
+        numbers, required = _numbers(spec), _required(spec)
+        mapping, key = draw(st.sampled_from(numbers + required))
         value = draw(WRONG)
         if key in {"name", "node", "to", "from"}:
             value = draw(st.sampled_from([[1], {"k": 1}, 3, True, None]))
-        if key == "max" and value is None:
-            value = "text"  # max: null means no cap
+        refused = (
+            any(m is mapping and k == key for m, k in required)
+            or mapping is spec["start"]
+            or (mapping is spec and key == "gamma")
+            or key == "p"
+        )
+        if value is None and not refused:
+            value = "text"  # null is valid in optional fields: add/set amounts, max (no cap)
         if key in {"start", "nodes"} and isinstance(value, dict):
             value = "text"
         mapping[key] = value
