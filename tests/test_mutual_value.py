@@ -301,6 +301,25 @@ def test_shipped_means_game_is_worth_zero() -> None:
     assert analyse(GAMES / "means.yaml", **OLD).result.status == Status.ZERO
 
 
+@pytest.mark.parametrize(
+    ("game", "rule", "status", "rates"),
+    [
+        ("cycle", "first", Status.CONVERGED, (0.554, 0.446)),
+        ("cycle", "last", Status.ZERO, (0.0, 0.0)),
+        ("gamble", "even", Status.CONVERGED, (0.598, 0.402)),
+        ("gamble", "first", Status.CONVERGED, (0.372, 0.628)),
+    ],
+)
+def test_exchange_reading_under_other_tie_rules_matches_the_review(
+    game: str, rule: str, status: Status, rates: tuple[float, float]
+) -> None:
+    # The numbers a review computed with its own scripts for the old reading under other tie rules: the
+    # published per-game rates were artefacts of splitting ties evenly.
+    r = solve(build_space(load_game(GAMES / f"{game}.yaml")), ties=rule, **OLD)
+    assert r.status == status
+    assert (r.price_x, r.price_y) == pytest.approx(rates, abs=5e-4)
+
+
 def test_at_least_four_shipped_games() -> None:
     assert {"tradeoff", "means", "cycle", "gamble"} <= {p.stem for p in GAMES.glob("*.yaml")}
 
