@@ -282,12 +282,13 @@ def solve(
         delta = float(np.abs(m_new - m).sum())
         settled = changed == 0 and delta <= tol * (1.0 + float(np.abs(m).sum()))
         pump_runs = pump_runs + 1 if pump else 0
+        if pump_runs >= 3 and not settled:
+            # three rounds in a row under policies whose value diverges: report the last of them
+            m, status = m_new, Status.MONEY_PUMP
+            break
         m, w = m_new, w_new
         if settled:
             status = Status.CONVERGED
-            break
-        if pump_runs >= 3:  # three rounds in a row under policies whose value diverges, values growing
-            status = Status.MONEY_PUMP
             break
         key = (np.round(w, 12).tobytes(), tuple(np.round(m, 9).tolist()))
         policies.append(key[0])
@@ -343,8 +344,6 @@ def _finish(
     rates = f"one unit of X brings {a:.4g} Y and one unit of Y brings {b:.4g} X ({per_unit.value})"
     nan = np.full(space.n_states, np.nan)
     scale = 1.0
-    if status == Status.MONEY_PUMP and radius < 1:  # cannot happen: the pump is decided under this policy
-        status = Status.CONVERGED
     if status == Status.CONVERGED:
         if definition == Definition.INTRINSIC:
             exact = intrinsic_solution(a, b, u)
