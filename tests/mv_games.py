@@ -208,3 +208,46 @@ def gains_by_recursion(
         gx += w * ((nx - x) + gamma * cx)
         gy += w * ((ny - y) + gamma * cy)
     return gx, gy
+
+
+# Found by a random run: a symmetric game on which the exchange reading, from the symmetric start, must choose
+# a sign (a = b < 0) and then settles on an asymmetric fixed point; its mirror image is found only by making
+# the other sign choice from the same start.
+SYMMETRIC_SIGN_CHOICE: dict[str, Any] = {
+    "name": "random",
+    "gamma": 0.9,
+    "start": {"node": "n0", "x": 1, "y": 1},
+    "nodes": {
+        "end": {},
+        "n0": {
+            "actions": {
+                "a0": {"to": "n1", "add": {"x": 1, "y": 2}},
+                "a0-swapped": {"to": "n1", "add": {"x": 2, "y": 1}},
+                "a1": {"to": "n1", "convert": {"from": "x", "to": "y", "rate": 0.5}},
+                "a1-swapped": {"to": "n1", "convert": {"from": "y", "to": "x", "rate": 0.5}},
+                "a2": {"to": "n2", "add": {"x": 0, "y": 1}},
+                "a2-swapped": {"to": "n2", "add": {"x": 1, "y": 0}},
+            }
+        },
+        "n1": {
+            "actions": {
+                "a0": {"to": "n2", "add": {"x": 0, "y": -1}},
+                "a0-swapped": {"to": "n2", "add": {"x": -1, "y": 0}},
+            }
+        },
+        "n2": {
+            "actions": {
+                "a0": {"to": "end", "add": {"x": 0, "y": 0}},
+                "a0-swapped": {"to": "end", "add": {"x": 0, "y": 0}},
+                "a1": {"to": "n3", "produce": {"from": "x", "to": "y", "rate": 0.5}},
+                "a1-swapped": {"to": "n3", "produce": {"from": "y", "to": "x", "rate": 0.5}},
+            }
+        },
+        "n3": {
+            "actions": {
+                "a0": {"to": "end", "produce": {"from": "x", "to": "y", "rate": 0.5}},
+                "a0-swapped": {"to": "end", "produce": {"from": "y", "to": "x", "rate": 0.5}},
+            }
+        },
+    },
+}

@@ -15,7 +15,15 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from mv_games import GAMES, SELL_AND_BUY, SYMMETRIC_REPRODUCER, TOOLS, coin, random_trees
+from mv_games import (
+    GAMES,
+    SELL_AND_BUY,
+    SYMMETRIC_REPRODUCER,
+    SYMMETRIC_SIGN_CHOICE,
+    TOOLS,
+    coin,
+    random_trees,
+)
 from mv_games import state_index as _state
 
 from maskscope.errors import UserError
@@ -237,6 +245,7 @@ def test_holdings_that_change_nothing_are_worth_zero(spec: dict[str, Any]) -> No
 @FAST
 @given(random_trees(symmetric=True))
 @example(SYMMETRIC_REPRODUCER)
+@example(SYMMETRIC_SIGN_CHOICE)
 def test_interchangeable_x_and_y_are_worth_the_same(spec: dict[str, Any]) -> None:
     # Mirrored moves, equal start amounts and baselines: the game is unchanged by renaming X and Y. Under a
     # symmetric policy a = b; when a = b < 0 the exchange reading must pick one of two mirror-image signs and
@@ -250,7 +259,7 @@ def test_interchangeable_x_and_y_are_worth_the_same(spec: dict[str, Any]) -> Non
             r.values_x[0], r.values_y[0], abs_tol=1e-9
         )
         if not symmetric:
-            mirror = solve(space, max_iterations=60, start=(-0.5, 0.5), **OLD)
+            mirror = solve(space, max_iterations=60, x_positive=False, **OLD)
             assert mirror.status == r.status
             assert (mirror.price_x, mirror.price_y) == pytest.approx((r.price_y, r.price_x), abs=1e-9)
 
@@ -259,9 +268,9 @@ def test_interchangeable_x_and_y_are_worth_the_same(spec: dict[str, Any]) -> Non
 @given(random_trees())
 @example(RENAMING_FOUND)
 def test_renaming_x_and_y_swaps_their_values(spec: dict[str, Any]) -> None:
-    # When a, b < 0 under a symmetric m the sign of the exchange answer is a convention (m_X > 0 when
-    # m0_X >= m0_Y), and renaming X and Y does not rename the convention: then the renamed game solved
-    # from the mirrored start is the mirror image.
+    # When a, b < 0 under a symmetric m the sign of the exchange answer is a convention (m_X > 0 by
+    # default), and renaming X and Y does not rename the convention: then the renamed game solved with the
+    # other sign choice is the mirror image.
     game = parse_game(spec)
     a, b = build_space(game), build_space(game.swapped())
     ra = solve(a, max_iterations=60, **OLD)
@@ -277,8 +286,8 @@ def test_renaming_x_and_y_swaps_their_values(spec: dict[str, Any]) -> None:
             ra.values_y, rb.values_x[order], atol=1e-8
         )
 
-    starts = [(0.5, 0.5), (-0.5, 0.5), (0.5, -0.5)]
-    assert any(mirrors(solve(b, max_iterations=60, start=st, **OLD)) for st in starts)
+    runs = [((0.5, 0.5), True), ((0.5, 0.5), False), ((-0.5, 0.5), False), ((0.5, -0.5), True)]
+    assert any(mirrors(solve(b, max_iterations=60, start=st, x_positive=xp, **OLD)) for st, xp in runs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def analyse(
     result = solve(space, ties=ties, **settings)  # type: ignore[arg-type]
     rules = list(dict.fromkeys([*sweep_rules(random_orders), result.ties]))
     spread = tie_spread(space, rules, done={result.ties: result}, **settings)
-    done = {(rule, STARTS[0]): r for rule, r in spread.results.items()}
+    done = {(rule, STARTS[0], True): r for rule, r in spread.results.items()}
     search = fixed_points(space, rules, done=done, **settings)
     bases = solve_baselines(space)
     return Analysis(g, space, result, bases, [compare(result, b) for b in bases], spread, search)

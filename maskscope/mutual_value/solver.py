@@ -227,6 +227,7 @@ def solve(
     per_unit: PerUnit | str = PerUnit.MARGINAL,
     ties: str = "even",
     start: tuple[float, float] = DEFAULT_START,
+    x_positive: bool | None = None,
     damping: float = 0.5,
     max_iterations: int = 200,
     tol: float = 1e-10,
@@ -235,7 +236,8 @@ def solve(
 ) -> MutualValueResult:
     """Find a mutual-value policy and its values under one reading of the definition and one tie rule,
     starting from the marginal values ``start`` and the tie rule's indifferent policy (where the sign of
-    the exchange reading's answer is open, m_X > 0 if start_X >= start_Y, else m_Y > 0); never more than
+    the exchange reading's answer is open, m_X > 0 if ``x_positive``, else m_Y > 0; by default
+    ``x_positive`` is start_X >= start_Y); never more than
     ``max_iterations`` rounds. ``damping`` is the weight of the new estimate in each update (0 < d <= 1)."""
     definition = Definition(definition)
     per_unit = PerUnit(per_unit)
@@ -253,7 +255,8 @@ def solve(
         if not np.abs(m).sum() > 0:
             raise ValueError("the start of the exchange reading must be non-zero")
         m = m / np.abs(m).sum()
-    x_positive = start[0] >= start[1]  # the sign choice when a = b < 0 leaves it open
+    if x_positive is None:  # the sign choice when a = b < 0 leaves it open
+        x_positive = start[0] >= start[1]
     w = space.indifferent_policy(ties)
     seen: dict[tuple[bytes, tuple[float, ...]], int] = {}
     policies: list[bytes] = []
@@ -307,6 +310,7 @@ def solve(
         ties,
         u,
         start,
+        x_positive,
         m,
         w,
         status,
@@ -326,6 +330,7 @@ def _finish(
     ties: str,
     u: tuple[float, float],
     start: tuple[float, float],
+    x_positive: bool,
     m: np.ndarray,
     w: np.ndarray,
     status: Status,
@@ -356,7 +361,7 @@ def _finish(
         elif ab < 0:
             status = Status.ROTATING
         else:
-            direction = exchange_direction(a, b, m, zero_tol, start[0] >= start[1])
+            direction = exchange_direction(a, b, m, zero_tol, x_positive)
             assert direction is not None
             m = direction
             scale = 1.0 / radius

@@ -19,6 +19,14 @@ from maskscope.mutual_value.space import TIE_RULES, StateSpace
 
 #: Starting marginal values of the fixed-point search: the positive direction and both sign choices.
 STARTS: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.5, -0.5), (-0.5, 0.5))
+#: The runs of the search: (start, whether m_X > 0 where the sign is open). The symmetric start is run with
+#: both sign choices, so that a game symmetric in X and Y gets both mirror images.
+SEARCH: tuple[tuple[tuple[float, float], bool], ...] = (
+    ((0.5, 0.5), True),
+    ((0.5, 0.5), False),
+    ((0.5, -0.5), True),
+    ((-0.5, 0.5), False),
+)
 SAME = 1e-7
 
 
@@ -194,18 +202,21 @@ class FixedPointSearch:
 def fixed_points(
     space: StateSpace,
     rules: Sequence[str] | None = None,
-    starts: Sequence[tuple[float, float]] = STARTS,
-    done: dict[tuple[str, tuple[float, float]], MutualValueResult] | None = None,
+    search: Sequence[tuple[tuple[float, float], bool]] = SEARCH,
+    done: dict[tuple[str, tuple[float, float], bool], MutualValueResult] | None = None,
     **kwargs: Any,
 ) -> FixedPointSearch:
-    """Solve from each start and each tie rule (settings in ``kwargs``) and collect the distinct fixed
-    points; results already in ``done`` (keyed by rule and start) are reused."""
+    """Solve from each (start, sign choice) of ``search`` and each tie rule (settings in ``kwargs``) and
+    collect the distinct fixed points; results already in ``done`` (keyed by rule, start and sign choice)
+    are reused."""
     points: list[FixedPoint] = []
     unsettled: list[str] = []
-    for start in starts:
+    for start, x_positive in search:
         for rule in rules if rules is not None else sweep_rules():
-            r = (done or {}).get((rule, start)) or solve(space, ties=rule, start=start, **kwargs)
-            label = f"ties {rule}, start ({start[0]:g}, {start[1]:g})"
+            key = (rule, start, x_positive)
+            r = (done or {}).get(key) or solve(space, ties=rule, start=start, x_positive=x_positive, **kwargs)
+            sign = "m_X" if x_positive else "m_Y"
+            label = f"ties {rule}, m0 = ({start[0]:g}, {start[1]:g}), sign choice {sign} > 0"
             if r.status not in SETTLED:
                 unsettled.append(f"{label}: {r.status.value}")
                 continue
