@@ -140,3 +140,26 @@ def test_steering_equals_the_steering_vectors_library(tiny):
         enc = tiny.encode([ids[0].tolist()])
         ours = tiny._head(enc.body_hidden[0])
     assert float((theirs - ours).abs().max()) < 1e-5
+
+
+def test_steered_continuations_from_cuts_equal_recomputation(tiny):
+    """Two stored sequences sharing a long prefix (encoded once when unsteered), continued greedily from cuts
+    inside their bodies under "reply" steering: equal to recomputing each sequence alone, steered from the
+    prompt's last token."""
+    body_a, body_b = tiny.tokens(" Arr, the sea is wide and deep."), tiny.tokens(" Arr, the waves are tall.")
+    seq_a, seq_b = tiny.sequence(CTX, body_a), tiny.sequence(CTX, body_b)
+    jobs = [ms.ContinueJob(s, s.prompt_len + 3, 6) for s in (seq_a, seq_b)]
+    vector = _direction(tiny, seed=4, scale=5.0)
+    with tiny.steer(vector, layers=[2], alpha=1.0):
+        got = [r["token_ids"] for r in tiny.continued(jobs)]
+        for job, ids in zip(jobs, got, strict=True):
+            out: list[int] = []
+            base = list(job.seq.ids[: job.cut])
+            for _ in range(6):
+                enc = tiny.encode([base + out], starts=[job.seq.prompt_len - 1])
+                nxt = int(torch.argmax(tiny._head(enc.last_hidden())[0]))
+                if nxt in tiny.eos_ids:
+                    break
+                out.append(nxt)
+            assert ids == out
+    assert got != [r["token_ids"] for r in tiny.continued(jobs)]  # the steering changed them

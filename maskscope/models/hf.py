@@ -338,7 +338,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         starts = [len(s) - 1 for s in seqs] if starts is None else list(starts)
         dev = self.device
         if prefix is None and len(seqs) > 1:
-            shared = min(common_prefix(seqs), min(len(s) for s in seqs) - 1, min(starts))
+            shared = min(common_prefix(seqs), min(len(s) for s in seqs) - 1, self._unsteered_up_to(starts))
             if shared >= min_shared:
                 prefix = self.encode_prefix(seqs[0][:shared])
         if prefix is not None and any(
@@ -359,6 +359,13 @@ class HFModel(ChatTokenizer, ModelAPI):
         hidden, cache = self._forward(ids, mask, positions, cache, torch.tensor(starts, device=dev))
         lengths = [len(s) for s in seqs]
         return Encoded(cache, mask, None if prefix is None else prefix.hidden, hidden, lengths, starts)
+
+    def _unsteered_up_to(self, starts: Sequence[int]) -> int:
+        """How long a prefix shared by rows with these reply starts may be, to be encoded once: unbounded
+        without "reply" steering; else it must end before every row's reply (it is encoded unsteered)."""
+        if self._steering is None or self._steering.positions != "reply":
+            return 10**9
+        return min(starts)
 
     def encode_prefix(self, ids: Sequence[int]) -> Prefix:
         """Encode a prefix once (one row), to be shared by many sequences."""
@@ -820,7 +827,11 @@ class HFModel(ChatTokenizer, ModelAPI):
             return
         lengths = [len(seqs[s]) for s in used]
         begin = [len(s) - 1 for s in seqs] if starts is None else list(starts)
-        shared = min(common_prefix([seqs[s] for s in used]), min(lengths) - 1, min(begin[s] for s in used))
+        shared = min(
+            common_prefix([seqs[s] for s in used]),
+            min(lengths) - 1,
+            self._unsteered_up_to([begin[s] for s in used]),
+        )
         prefix = self.encode_prefix(seqs[used[0]][:shared]) if shared >= MIN_SHARED else None
         counts = [sum(len(g) for g in by_seq[s]) for s in used]
         for batch in plan_batches(range(len(used)), lengths, self.token_budget, max_rows, counts):
