@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	# Every other package at the version the tests passed with (constraints.txt), so that a release published
 	# after the last test run cannot change what a fresh clone installs.
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	# steering-vectors, the reference the tests compare maskscope's steering with: it declares transformers<5 but
+	# only hooks torch modules, which work the same on the transformers installed here (tested), so it goes in
+	# without its declared dependencies (torch, transformers, scikit-learn and tqdm are already installed).
+	$(PIP) install --quiet --no-deps steering-vectors==0.12.2
 	touch $(STAMP)
 
 demo: $(STAMP)

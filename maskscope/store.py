@@ -251,6 +251,8 @@ class CachedModel(ModelAPI):
             "end_tokens",
             "missing_capabilities",
             "request_stats",
+            "steer",  # the steering enters the fingerprint, and so every key, while it is active
+            "activations",  # not stored yet: computed on every call
         }
     )
 
@@ -259,13 +261,12 @@ class CachedModel(ModelAPI):
         self.store = store
         self.name = model.name
         self.capabilities = model.capabilities
-        self._fingerprint = model.fingerprint()
         self.hits = 0
         self.misses = 0
 
     def fingerprint(self) -> dict[str, Any]:
-        """The wrapped model's fingerprint."""
-        return self._fingerprint
+        """The wrapped model's fingerprint (with the steering active at the time of the call)."""
+        return self.inner.fingerprint()
 
     def render(self, context: Context) -> str:
         """The wrapped model's rendering."""
@@ -279,9 +280,12 @@ class CachedModel(ModelAPI):
             f"the model's text side ({', '.join(sorted(self.FORWARDED))}) go through it"
         )
 
-    def parts(self, method: str, prompt: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def parts(
+        self, method: str, prompt: str, args: Mapping[str, Any], fingerprint: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The key parts of one call."""
-        return {"model": self._fingerprint, "method": method, "prompt": prompt, "args": dict(args)}
+        model = dict(fingerprint if fingerprint is not None else self.fingerprint())
+        return {"model": model, "method": method, "prompt": prompt, "args": dict(args)}
 
     def _through_store(
         self,
@@ -296,8 +300,9 @@ class CachedModel(ModelAPI):
         missing: list[tuple[int, str, dict[str, Any]]] = []
         twins: dict[str, list[int]] = {}
         stored: dict[str, Any] = {}
+        fingerprint = self.fingerprint()
         for k, (prompt, args) in enumerate(keyed):
-            parts = self.parts(method, prompt, args)
+            parts = self.parts(method, prompt, args, fingerprint)
             key = call_key(parts)
             if key in twins:
                 twins[key].append(k)

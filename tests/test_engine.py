@@ -117,8 +117,8 @@ def test_cached_model_refuses_calls_it_does_not_cache(tiny, tmp_path: Path):
 def test_capabilities_are_typed_and_checked(tiny):
     require(tiny, Capability.CUTS, "x")
     require(tiny, "score", "x")  # the strings of earlier versions still work
-    with pytest.raises(UserError, match="needs 'activations'"):
-        require(tiny, Capability.ACTIVATIONS, "the directions experiment")
+    with pytest.raises(UserError, match="needs 'adapters'"):
+        require(tiny, Capability.ADAPTERS, "the organism experiment")
 
     class Liar:  # advertises scoring without implementing it
         name = "liar"

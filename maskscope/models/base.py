@@ -409,18 +409,19 @@ class Cuts(Protocol):
 
 @runtime_checkable
 class Activations(Protocol):
-    """Hidden states at chosen layers and positions (a slot: no backend offers it yet)."""
+    """The residual stream at chosen layers (0 = embedding output) and positions ("last", "reply_mean",
+    "all")."""
 
-    def activations(self, contexts: Sequence[Context], layers: Sequence[int], positions: str) -> Any:
-        """Activations of each context."""
+    def activations(self, items: Sequence[Any], layers: Sequence[int], positions: str = "last") -> list[Any]:
+        """Activations of each item (a context, or a context and reply token ids)."""
         ...
 
 
 @runtime_checkable
 class Steering(Protocol):
-    """Additive interventions on activations, in a context manager (a slot: no backend offers it yet)."""
+    """Additive interventions on the residual stream, in a context manager (the model never mutated)."""
 
-    def steer(self, vector: Any, layers: Sequence[int], alpha: float) -> Any:
+    def steer(self, vector: Any, layers: Sequence[int], alpha: float = 1.0, positions: str = "reply") -> Any:
         """A context manager under which every call is steered."""
         ...
 

@@ -24,6 +24,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from maskscope.models.base import (
     stream_key,
 )
 from maskscope.models.chat import ChatTokenizer
+from maskscope.models.hooks import POSITIONS, Steering, as_vectors, capture, check_layers, steering_hooks
 
 PRECISIONS = ("fp32", "bf16")
 HEAD_POSITIONS = 512  # positions per LM-head call when scoring: bounds the [positions x vocabulary] tensor
@@ -148,13 +150,14 @@ class Prefix:
 class Encoded:
     """A batch of right-padded sequences encoded once: the KV cache [S rows, width W], the attention mask
     [S, W], the hidden states of the prefix all sequences share [L, H] (encoded once) and of the rest
-    [S, W - L, H], and the sequences' lengths."""
+    [S, W - L, H], the sequences' lengths and where each one's reply starts (for steering)."""
 
     cache: Any
     mask: torch.Tensor
     prefix_hidden: torch.Tensor | None
     body_hidden: torch.Tensor
     lengths: list[int]
+    starts: list[int]  # per sequence, the first position a "reply" steering applies to
 
     @property
     def prefix_len(self) -> int:
@@ -200,6 +203,8 @@ class HFModel(ChatTokenizer, ModelAPI):
             Capability.TOKEN_LOGPROBS,
             Capability.SUPPORT_LOGPROBS,
             Capability.CUTS,
+            Capability.ACTIVATIONS,
+            Capability.STEERING,
         }
     )
 
@@ -232,6 +237,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         self.eos_ids = self._eos_ids()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._word_mask: torch.Tensor | None = None
+        self._steering: Steering | None = None
         self.check_head()
 
     # ----------------------------------------------------------------- identity
@@ -244,7 +250,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             "precision": self.precision,
             "chat_template": self.template_digest(),
             "adapter": self.adapter,
-            "steering": None,
+            "steering": None if self._steering is None else self._steering.digest(),
         }
 
     def _eos_ids(self) -> set[int]:
@@ -268,9 +274,19 @@ class HFModel(ChatTokenizer, ModelAPI):
 
     # ----------------------------------------------------------------- forward passes
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any = None
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any = None,
+        starts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Run the decoder (without the LM head, to keep memory small); return last hidden states and cache."""
+        """Run the decoder (without the LM head, to keep memory small); return last hidden states and cache.
+        `positions` are absolute token positions [B, T]; `starts` [B] is where each row's reply begins (the
+        positions a "reply" steering applies to)."""
+        if self._steering is not None:
+            rows = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+            self._steering.where = (positions.expand(ids.shape[0], -1), rows if starts is None else starts)
         with torch.inference_mode():
             out = self.model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
@@ -303,18 +319,26 @@ class HFModel(ChatTokenizer, ModelAPI):
             )
 
     def encode(
-        self, seqs: Sequence[Sequence[int]], *, prefix: Prefix | None = None, min_shared: int = MIN_SHARED
+        self,
+        seqs: Sequence[Sequence[int]],
+        *,
+        prefix: Prefix | None = None,
+        min_shared: int = MIN_SHARED,
+        starts: Sequence[int] | None = None,
     ) -> Encoded:
         """The one pad-and-encode routine: right-padded sequences encoded in one batch, keeping the cache and
         every position's hidden state. A prefix they all share is encoded once: `prefix` if given (it must be
-        shorter than every sequence), else their longest common prefix if at least `min_shared` tokens."""
+        shorter than every sequence), else their longest common prefix if at least `min_shared` tokens.
+        `starts`: where each sequence's reply begins, for steering (default: its last token, so that what
+        follows the sequence is predicted under steering)."""
         if not seqs or any(not s for s in seqs):
             raise UserError("every sequence must have at least one token")
         for s in seqs:
             self._check_length(len(s))
+        starts = [len(s) - 1 for s in seqs] if starts is None else list(starts)
         dev = self.device
         if prefix is None and len(seqs) > 1:
-            shared = min(common_prefix(seqs), min(len(s) for s in seqs) - 1)
+            shared = min(common_prefix(seqs), min(len(s) for s in seqs) - 1, self._unsteered_up_to(starts))
             if shared >= min_shared:
                 prefix = self.encode_prefix(seqs[0][:shared])
         if prefix is not None and any(
@@ -332,22 +356,37 @@ class HFModel(ChatTokenizer, ModelAPI):
             ids[r, : len(s) - shared] = torch.tensor(list(s[shared:]), device=dev)
             mask[r, : len(s)] = 1
         positions = shared + torch.arange(width, device=dev).expand(len(seqs), -1)
-        hidden, cache = self._forward(ids, mask, positions, cache)
-        return Encoded(cache, mask, None if prefix is None else prefix.hidden, hidden, [len(s) for s in seqs])
+        hidden, cache = self._forward(ids, mask, positions, cache, torch.tensor(starts, device=dev))
+        lengths = [len(s) for s in seqs]
+        return Encoded(cache, mask, None if prefix is None else prefix.hidden, hidden, lengths, starts)
+
+    def _unsteered_up_to(self, starts: Sequence[int]) -> int:
+        """How long a prefix shared by rows with these reply starts may be, to be encoded once: unbounded
+        without "reply" steering; else it must end before every row's reply (it is encoded unsteered)."""
+        if self._steering is None or self._steering.positions != "reply":
+            return 10**9
+        return min(starts)
 
     def encode_prefix(self, ids: Sequence[int]) -> Prefix:
         """Encode a prefix once (one row), to be shared by many sequences."""
         t = torch.tensor([list(ids)], device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None, :]
+        # the shared prefix ends before every sequence's reply (callers cap it so): never "reply"-steered
         hidden, cache = self._forward(
-            t, torch.ones_like(t), torch.arange(len(ids), device=self.device)[None, :]
+            t, torch.ones_like(t), positions, None, torch.tensor([len(ids)], device=self.device)
         )
         return Prefix(tuple(ids), hidden[0], cache)
 
     def _extend(
-        self, cache: Any, mask: torch.Tensor, start: torch.Tensor, tokens: Sequence[Sequence[int]]
+        self,
+        cache: Any,
+        mask: torch.Tensor,
+        start: torch.Tensor,
+        tokens: Sequence[Sequence[int]],
+        starts: torch.Tensor,
     ) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """Run right-padded token lists after each cached row (row i's first token at position start[i]);
-        returns their hidden states, the grown cache and the grown mask."""
+        returns their hidden states, the grown cache and the grown mask. `starts`: each row's reply start."""
         dev = self.device
         longest = max(len(t) for t in tokens)
         ids = torch.full((len(tokens), longest), self.pad_id, dtype=torch.long, device=dev)
@@ -358,7 +397,7 @@ class HFModel(ChatTokenizer, ModelAPI):
                 more[i, : len(t)] = 1
         mask = torch.cat([mask, more], dim=1)
         positions = start[:, None] + torch.arange(longest, device=dev)[None, :]
-        hidden, cache = self._forward(ids, mask, positions, cache)
+        hidden, cache = self._forward(ids, mask, positions, cache, starts)
         return hidden, cache, mask
 
     # ----------------------------------------------------------------- scoring
@@ -424,6 +463,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             return
         width = enc.mask.shape[1]
         lengths = torch.tensor(enc.lengths, device=self.device)
+        starts = torch.tensor(enc.starts, device=self.device)
         rows.sort(key=lambda x: -len(x[2]))
         # One continuation length per chunk: no padded positions, and the LM head runs once per chunk on
         # every position (in slices, to bound the [positions x vocabulary] memory).
@@ -439,6 +479,7 @@ class HFModel(ChatTokenizer, ModelAPI):
                     enc.mask[row_idx],
                     lengths[row_idx],
                     [c[:-1] for _, _, c in sel],
+                    starts[row_idx],
                 )
                 flat = hidden.reshape(-1, hidden.shape[-1])
                 step = max(1, HEAD_POSITIONS // m) * m
@@ -502,6 +543,70 @@ class HFModel(ChatTokenizer, ModelAPI):
             for row, i in enumerate(batch):
                 yield i, lp[row]
 
+    # ----------------------------------------------------------------- activations and steering
+    def activations(
+        self,
+        items: Sequence[Context | tuple[Context, Sequence[int]]],
+        layers: Sequence[int],
+        positions: str = "last",
+    ) -> list[torch.Tensor]:
+        """The residual stream of each item at the given layers (0 = embedding output, i = output of decoder
+        layer i), as float32: "last" -> [layers, H] at the prompt's last token; "reply_mean" -> [layers, H], the
+        mean over the reply tokens an item gives as (context, token ids); "all" -> [layers, T, H] at every token
+        of prompt + reply. Under `steer`, the steered activations."""
+        if positions not in ("last", "reply_mean", "all"):
+            raise UserError(f"positions must be last, reply_mean or all, not {positions!r}")
+        layers = check_layers(self.model, layers)
+        seqs, prompt_lens = [], []
+        for item in items:
+            context, reply = item if isinstance(item, tuple) else (item, ())
+            prompt = self.encode_prompt(context)
+            if positions == "reply_mean" and not reply:
+                raise UserError("positions='reply_mean' needs (context, reply token ids) items with a reply")
+            seqs.append(prompt + list(reply))
+            prompt_lens.append(len(prompt))
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        cost = [len(s) for s in seqs]
+        order = sorted(range(len(seqs)), key=lambda i: -cost[i])
+        for batch in plan_batches(order, cost, self.token_budget, self.max_batch):
+            with capture(self.model, layers) as seen:
+                self.encode(
+                    [seqs[i] for i in batch], min_shared=10**9, starts=[prompt_lens[i] - 1 for i in batch]
+                )
+            stacked = torch.stack([seen[layer][0] for layer in layers], dim=1)  # [B, layers, T, H]
+            for row, i in enumerate(batch):
+                n, p = len(seqs[i]), prompt_lens[i]
+                if positions == "last":
+                    out[i] = stacked[row, :, p - 1]
+                elif positions == "reply_mean":
+                    out[i] = stacked[row, :, p:n].mean(dim=1)
+                else:
+                    out[i] = stacked[row, :, :n]
+        return [t for t in out if t is not None]
+
+    @contextmanager
+    def steer(
+        self, vector: Any, layers: Sequence[int], alpha: float = 1.0, positions: str = "reply"
+    ) -> Iterator[HFModel]:
+        """Every call inside the context is steered: `alpha * vector` is added to the output of each layer
+        (a vector [H] for all layers, [len(layers), H], or {layer: [H]}), at the reply's positions (from the
+        prompt's last token on) or at "all" positions. The fingerprint, and so every cache key, includes the
+        steering. Nothing of the model is changed: on exit the hooks are gone."""
+        if positions not in POSITIONS:
+            raise UserError(f"steering positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        if not math.isfinite(alpha):
+            raise UserError(f"alpha must be a finite number, not {alpha}")
+        if self._steering is not None:
+            raise UserError("steering contexts do not nest: exit the current one first")
+        layers = check_layers(self.model, layers)
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        self._steering = Steering(as_vectors(vector, layers, hidden), float(alpha), positions)
+        try:
+            with steering_hooks(self.model, self._steering):
+                yield self
+        finally:
+            self._steering = None
+
     # ----------------------------------------------------------------- sampling
     def sample_indices(
         self, context: Context, indices: Sequence[int], params: SampleParams, batch_size: int = 64
@@ -563,6 +668,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             for layer in cache.layers:
                 layer.crop(-surplus)
         cuts = torch.tensor([r.cut for r in rows], device=dev)
+        starts = torch.tensor([enc.starts[r.seq] for r in rows], device=dev)
         mask = (torch.arange(width, device=dev)[None, :] < cuts[:, None]).long()
         # The LM head once per distinct (sequence, cut): sampling rows all share one.
         points = sorted({(r.seq, r.cut) for r in rows})
@@ -577,7 +683,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         lps: list[torch.Tensor | None] = [first[i][None] if keep_logprobs else None for i in range(n)]
         last = first
         if any(r.suffix for r in rows):
-            hidden, cache, mask = self._extend(cache, mask, cuts, [r.suffix for r in rows])
+            hidden, cache, mask = self._extend(cache, mask, cuts, [r.suffix for r in rows], starts)
             last = first.clone()
             for i, r in enumerate(rows):
                 if r.suffix and keep_logprobs:
@@ -587,8 +693,8 @@ class HFModel(ChatTokenizer, ModelAPI):
                 elif r.suffix:
                     last[i] = self._head(hidden[i, len(r.suffix) - 1])
         next_pos = cuts + torch.tensor([len(r.suffix) for r in rows], device=dev)
-        branches = self._branches(rows, cache, mask, next_pos, last)
-        generated = self._decode(rows, cache, mask, next_pos, last)
+        branches = self._branches(rows, cache, mask, next_pos, last, starts)
+        generated = self._decode(rows, cache, mask, next_pos, last, starts)
         return [RowResult(lps[i], last[i], branches[i], *generated[i]) for i in range(n)]
 
     def _branches(
@@ -598,6 +704,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         mask: torch.Tensor,
         next_pos: torch.Tensor,
         last: torch.Tensor,
+        starts: torch.Tensor,
         chunk: int = 64,
     ) -> list[list[torch.Tensor]]:
         """Teacher-force every row's branches from the row's state; the row's cache is left untouched."""
@@ -607,7 +714,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             part = todo[start : start + chunk]
             sel = torch.tensor([i for i, _ in part], device=self.device)
             hidden, _, _ = self._extend(
-                _select_rows(cache, sel), mask[sel], next_pos[sel], [b for _, b in part]
+                _select_rows(cache, sel), mask[sel], next_pos[sel], [b for _, b in part], starts[sel]
             )
             for j, (i, b) in enumerate(part):
                 out[i].append(torch.cat([last[i][None], self._head(hidden[j, : len(b)])]))
@@ -620,6 +727,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         mask: torch.Tensor,
         next_pos: torch.Tensor,
         logprobs: torch.Tensor,
+        starts: torch.Tensor,
         compact: float = 0.75,
     ) -> list[tuple[list[int], str, str]]:
         """The one decoding loop (sampling, continuations, open forced answers). Rows with `decode` > 0
@@ -638,6 +746,7 @@ class HFModel(ChatTokenizer, ModelAPI):
                 next_pos[sel],
                 logprobs[sel],
             )
+            starts = starts[sel]
         gens = {
             i: torch.Generator(device="cpu").manual_seed(
                 sample_seed(rows[i].seed, rows[i].stream, rows[i].index)
@@ -673,7 +782,12 @@ class HFModel(ChatTokenizer, ModelAPI):
             if sum(live) < compact * len(members):
                 keep = [r for r in range(len(members)) if live[r]]
                 sel = torch.tensor(keep, device=dev)
-                cache, mask, next_pos = _select_rows(cache, sel), mask[sel], next_pos[sel]
+                cache, mask, next_pos, starts = (
+                    _select_rows(cache, sel),
+                    mask[sel],
+                    next_pos[sel],
+                    starts[sel],
+                )
                 members = [members[r] for r in keep]
                 live = [True] * len(members)
             ids = torch.tensor(
@@ -681,7 +795,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             )
             step = torch.tensor([[int(x)] for x in live], dtype=mask.dtype, device=dev)
             mask = torch.cat([mask, step], dim=1)
-            hidden, cache = self._forward(ids, mask, next_pos[:, None], cache)
+            hidden, cache = self._forward(ids, mask, next_pos[:, None], cache, starts)
             logprobs = self._head(hidden[:, -1])
             next_pos = next_pos + 1
         return out
@@ -694,10 +808,12 @@ class HFModel(ChatTokenizer, ModelAPI):
         max_rows: int = 32,
         keep_logprobs: bool = True,
         groups: Sequence[Sequence[int]] | None = None,
+        starts: Sequence[int] | None = None,
     ) -> Iterator[tuple[int, RowResult]]:
         """Run rows over many sequences; yield (row index, result) as each exists. Each sequence is encoded
         once (a prefix common to all of them once for all), batched with others, and its rows run in chunks
-        of at most `max_rows`. `groups` (lists of row indices) are kept in one chunk each."""
+        of at most `max_rows`. `groups` (lists of row indices) are kept in one chunk each. `starts`: where
+        each sequence's reply begins, for steering (default: its last token)."""
         if groups is None:
             groups = [[i] for i in range(len(rows))]
         if sorted(i for g in groups for i in g) != list(range(len(rows))):
@@ -710,12 +826,19 @@ class HFModel(ChatTokenizer, ModelAPI):
         if not used:
             return
         lengths = [len(seqs[s]) for s in used]
-        shared = min(common_prefix([seqs[s] for s in used]), min(lengths) - 1)
+        begin = [len(s) - 1 for s in seqs] if starts is None else list(starts)
+        shared = min(
+            common_prefix([seqs[s] for s in used]),
+            min(lengths) - 1,
+            self._unsteered_up_to([begin[s] for s in used]),
+        )
         prefix = self.encode_prefix(seqs[used[0]][:shared]) if shared >= MIN_SHARED else None
         counts = [sum(len(g) for g in by_seq[s]) for s in used]
         for batch in plan_batches(range(len(used)), lengths, self.token_budget, max_rows, counts):
             batch_seqs = [used[b] for b in batch]
-            enc = self.encode([seqs[s] for s in batch_seqs], prefix=prefix)
+            enc = self.encode(
+                [seqs[s] for s in batch_seqs], prefix=prefix, starts=[begin[s] for s in batch_seqs]
+            )
             local = {s: k for k, s in enumerate(batch_seqs)}
             chunk: list[int] = []
             pending = [g for s in batch_seqs for g in by_seq[s]]
@@ -748,7 +871,8 @@ class HFModel(ChatTokenizer, ModelAPI):
             )
             for j in order
         ]
-        for i, res in self.run_cuts(seqs, rows, max_rows=max_rows, keep_logprobs=False):
+        begin = _starts(seqs, [jobs[j].seq for j in order])
+        for i, res in self.run_cuts(seqs, rows, max_rows=max_rows, keep_logprobs=False, starts=begin):
             yield order[i], self._forced_result(jobs[order[i]], res)
 
     def _forced_result(self, job: ForcedJob, res: RowResult) -> dict[str, Any]:
@@ -811,7 +935,8 @@ class HFModel(ChatTokenizer, ModelAPI):
                     stop=job.stop,
                 )
             )
-        for i, res in self.run_cuts(seqs, rows, max_rows=max_rows, keep_logprobs=False):
+        begin = _starts(seqs, [jobs[j].seq for j in order])
+        for i, res in self.run_cuts(seqs, rows, max_rows=max_rows, keep_logprobs=False, starts=begin):
             yield order[i], {"token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason}
 
 
@@ -866,6 +991,12 @@ def _until(kind: str) -> Callable[[str], bool]:
 def _body_order(ids: tuple[int, ...], prompt_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Sort key that puts sequences with similar bodies (same condition) together, across prompts."""
     return ids[prompt_len:], ids
+
+
+def _starts(seqs: Sequence[tuple[int, ...]], owners: Sequence[Any]) -> list[int]:
+    """Each distinct sequence's reply start: the last token of its prompt (its body is the reply)."""
+    start = {o.ids: o.prompt_len - 1 for o in owners}
+    return [start[s] for s in seqs]
 
 
 def _seq_index(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], dict[tuple[int, ...], int]]:
