@@ -100,7 +100,8 @@ def rendered_prompts(store: Any, run: str) -> dict[str, Any]:
 
 
 def collect(model: Any, spec: Any, store: Any = None) -> dict[str, Any]:
-    """The run metadata recorded in every summary."""
+    """The run metadata recorded in every summary (the runner collects it before the run, so that the git
+    commit is the one of the code that computed it, and adds the rendered prompts after)."""
     from maskscope import __version__
 
     fingerprint = model.fingerprint() if hasattr(model, "fingerprint") else {}

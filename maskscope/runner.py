@@ -79,6 +79,9 @@ def run(
             )
             for role, name in spec.extra_models().items()
         }
+        from maskscope.metadata import collect, rendered_prompts
+
+        metadata = collect(model, spec)  # before the run: the code and libraries that compute it
         store.start_run(spec.name, spec.model_dump())
         try:
             if extra:
@@ -89,9 +92,7 @@ def run(
             store.finish_run(spec.name, "interrupted")
             raise
         store.finish_run(spec.name, "done")
-        from maskscope.metadata import collect
-
-        summary["metadata"] = collect(model, spec, store)
+        summary["metadata"] = {**metadata, "rendered_prompts": rendered_prompts(store, spec.name)}
         summary["run"] = {**(store.run_record(spec.name) or {}), "seconds": round(time.time() - started, 2)}
         summary["run"].pop("spec", None)
         if hasattr(model, "request_stats"):
