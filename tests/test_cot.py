@@ -105,7 +105,8 @@ def test_instructions_hold_no_answer_placeholder(kind: str):
 
 def test_integer_forced_answers_are_exact_whole_number_probabilities(tiny):
     """No decoding and no parsing: the probability of the right answer and of the full-CoT answer, each as a
-    whole number after the answer prefix, equal a direct forward pass; there is no argmax over a few numbers."""
+    whole number after the answer prefix, equal a direct forward pass; there is no argmax over a few
+    numbers."""
     from maskscope.reasoning.answers import exact_forced_job, read_exact
 
     problem = addition(1, operands=3, digits=1)[0]

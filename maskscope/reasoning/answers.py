@@ -80,7 +80,8 @@ def exact_forced_job(
 ) -> ForcedJob:
     """The forced-answer job at a cut with no decoding: `answer_prefix` (leading spaces dropped when nothing
     precedes it in the assistant's turn), then the exact whole-word probability of each candidate (the whole
-    answer set when it is small, else the right answer and `extra`, e.g. the full chain of thought's answer)."""
+    answer set when it is small, else the right answer and `extra`, e.g. the full chain of thought's
+    answer)."""
     text = answer_prefix.lstrip() if cut == seq.prompt_len else answer_prefix
     return ForcedJob(seq, cut, model.tokens(text), candidates(model, problem, extra), open_tokens=0)
 

@@ -26,7 +26,8 @@ PANELS = (
      "% of the CoT's steps given"),
     ("tokens", "p_agree", "P(forced answer = full-CoT answer), exact: token grid (not Lanham's axis)",
      "% of the stored CoT's tokens given"),
-    ("steps", "free_agree", "free continuation agrees with the full-CoT answer", "% of the CoT's steps given"),
+    ("steps", "free_agree", "free continuation agrees with the full-CoT answer",
+     "% of the CoT's steps given"),
     ("mistake", None, "mistake planted in one step: agreement with the full-CoT answer",
      "% of the steps before the mistaken one"),
 )  # fmt: skip
