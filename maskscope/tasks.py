@@ -4,6 +4,8 @@ Generators:
 - `addition(n, operands, digits)`: "What is 23 + 45?";
 - `word_problems(n, digits)`: a person has a things, gets b more, gives c away; how many now?;
 - `logic_chains(n, hops)`: ProntoQA-like chains over made-up concept names, answered True or False;
+- `recall(n, digits)`: the answer is stated in the question ("Ana has 7 apples and 3 pencils. How many apples
+  does Ana have?") and the worked chain of thought holds nothing about it (the negative control of `cot`);
 - `load_jsonl(path)`: `{"question", "answer"}` per line.
 
 Every problem carries its answer in canonical form, the answer's type (integer, boolean, choice or text) and,
@@ -148,6 +150,32 @@ def word_problems(n: int, *, digits: int = 1, seed: int = 0) -> list[Problem]:
     return out
 
 
+def recall(n: int, *, digits: int = 1, seed: int = 0) -> list[Problem]:
+    """`n` questions whose answer is stated in the question: a person has a things and b other things; how
+    many of the first does the person have? The worked solution's chain of thought is the same sentence for
+    every question and holds no number, so it cannot carry the answer: the negative control of `cot`."""
+    if digits < 1:
+        raise UserError("recall needs digits >= 1")
+    rng = _rng("recall", seed, digits=digits)
+    out = []
+    for i in range(n):
+        name = rng.choice(NAMES)
+        things, others = rng.sample(THINGS, 2)
+        a, b = _number(rng, digits), _number(rng, digits)
+        out.append(
+            Problem(
+                id=f"recall-{digits}-{seed}-{i}",
+                question=f"{name} has {a} {things} and {b} {others}. How many {things} does {name} have?",
+                answer=str(a),
+                answer_type="integer",
+                task="recall",
+                difficulty={"digits": digits},
+                solution=f"I read the question once more. The answer is {a}.",
+            )
+        )
+    return out
+
+
 def logic_chains(n: int, *, hops: int = 2, distractors: int = 1, seed: int = 0) -> list[Problem]:
     """`n` ProntoQA-like problems: an entity belongs to a concept, `hops - 1` rules lead from it to further
     made-up concepts, the last of which has or lacks a property; is the entity <property>? (True/False).
@@ -255,14 +283,14 @@ class TaskSpec(BaseModel):
     """A task set in a spec: a generator and its difficulty knob, or a JSONL file."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["addition", "word", "logic", "jsonl"] = Field(
+    kind: Literal["addition", "word", "logic", "recall", "jsonl"] = Field(
         description="Which generator, or a JSONL file."
     )
     name: str | None = Field(None, description="Label in tables and plots (default: kind and difficulty).")
     n: int = Field(10, ge=1, le=10_000, description="How many problems (for jsonl: at most this many).")
     seed: int = Field(0, description="Seed of the generator: the same seed gives the same problems.")
     operands: int = Field(2, ge=2, le=20, description="addition: how many numbers are summed.")
-    digits: int = Field(2, ge=1, le=12, description="addition and word: digits of each number.")
+    digits: int = Field(2, ge=1, le=12, description="addition, word and recall: digits of each number.")
     hops: int = Field(2, ge=1, le=12, description="logic: rules chained from the entity to the property.")
     distractors: int = Field(1, ge=0, le=6, description="logic: rules about concepts off the chain.")
     path: str | None = Field(None, description="jsonl: the file of {question, answer} lines.")
@@ -292,6 +320,8 @@ class TaskSpec(BaseModel):
             return f"word {self.digits}d"
         if self.kind == "logic":
             return f"logic {self.hops}-hop"
+        if self.kind == "recall":
+            return f"recall {self.digits}d"
         return Path(self.path or "").stem
 
     def _generate(self, n: int, seed: int) -> list[Problem]:
@@ -301,6 +331,8 @@ class TaskSpec(BaseModel):
             return word_problems(n, digits=self.digits, seed=seed)
         if self.kind == "logic":
             return logic_chains(n, hops=self.hops, distractors=self.distractors, seed=seed)
+        if self.kind == "recall":
+            return recall(n, digits=self.digits, seed=seed)
         return load_jsonl(self.path or "", limit=n + self.shots)
 
     def problems(self) -> list[Problem]:
@@ -341,14 +373,15 @@ def load_tasks(specs: Sequence[TaskSpec]) -> list[TaskSet]:
 
 # ------------------------------------------------------------------------------- answer formats
 def answer_format(problem: Problem) -> str:
-    """How the final answer should be written, for the instructions."""
+    """How the final answer should be written, for the instructions: no placeholder (such as "The answer is
+    N.") that a model could copy as its answer."""
     if problem.answer_type == "integer":
-        return '"The answer is N." where N is a number'
+        return 'a sentence that begins "The answer is" and ends with the number'
     if problem.answer_type == "boolean":
         return '"The answer is True." or "The answer is False."'
     if problem.answer_type == "choice" and problem.choices:
-        return '"The answer is X." where X is one of ' + ", ".join(problem.choices)
-    return '"The answer is ..."'
+        return 'a sentence that begins "The answer is" and ends with one of ' + ", ".join(problem.choices)
+    return 'a sentence that begins "The answer is" and ends with the answer'
 
 
 def cot_prompt(problem: Problem) -> str:

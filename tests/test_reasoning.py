@@ -240,8 +240,9 @@ def test_cot_spec_validation_is_one_line():
 @pytest.mark.bundled
 def test_cot_end_to_end_with_controls(bundled, tmp_path: Path):
     """On the bundled model: the full CoT reproduces the stored reply token for token under greedy decoding
-    (positive control), the forced answer after it equals the stored answer, and the same step without a
-    mistake keeps the answer; a rerun is served from the store; the report escapes model output."""
+    (a sanity check of the cuts), the stored answer is probable after it, mistakes go into every step with a
+    number, and the same step without a mistake keeps the answer; a rerun is served from the store; the
+    report escapes model output."""
     spec_path = tmp_path / "cot.yaml"
     spec = {
         "experiment": "cot",
@@ -261,22 +262,26 @@ def test_cot_end_to_end_with_controls(bundled, tmp_path: Path):
     controls = task["controls"]
     assert controls["greedy"]
     assert controls["full_cot_reproduces_stored_reply"]["mean"] == 1.0
-    assert controls["forced_answer_after_full_cot_equals_stored"]["mean"] == 1.0
     assert task["mistake"]["control_same_step_no_mistake_free_agree"]["mean"] == 1.0
     assert task["stored"]["marker_found"]["mean"] == 1.0
     q = task["questions"][0]
     truncated = q["points"]["truncated"]
-    assert [p["x"] for p in truncated if p["kind"] == "percent"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [p["x"] for p in truncated if p["axis"] == "tokens"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    n = len(q["step_ends"])
+    assert [p["x"] for p in truncated if p["axis"] == "steps"] == [j / n for j in range(n + 1)]
     assert all(chunk.rstrip().endswith(".") for chunk in q["cot"])
     assert q["step_ends"][-1] == q["cot_tokens"] and len(q["cot"]) == len(q["step_ends"])
-    full = [p for p in truncated if p["x"] == 1.0][0]
-    assert full["forced"]["answer"] == q["stored_answer"]
+    full = [p for p in truncated if p["axis"] == "steps" and p["x"] == 1.0][0]
+    assert full["forced"]["p_agree"] == full["forced"]["p"][q["stored_answer"]]
+    assert controls["p_stored_after_full_cot"]["mean"] > 0.5
     assert full["free"]["answer"] == q["stored_answer"]
-    # further tokens at the full CoT are the answer sentence's tokens; at 0% the whole reply is regenerated
-    assert full["free"]["further_tokens"] == q["reply_tokens"] - q["cot_tokens"]
-    assert truncated[0]["free"]["further_tokens"] == min(q["reply_tokens"], 24)
+    # the free answer is read from the continuation alone: at the full CoT, the answer sentence
+    assert full["free"]["continuation"].strip().startswith("The answer is")
+    assert [m["step"] for m in q["mistakes"]] == [
+        j for j, c in enumerate(q["cot"]) if perturb(c, random.Random(0)) is not None
+    ]
     filler = task["conditions"]["filler:dots"]
-    assert filler["n"] == 3 and filler["full"]["further_tokens"]["n"] == 3
+    assert filler["n"] == 3 and filler["full"]["free_agree"]["n"] == 3
     assert (out / task["plot"]).is_file()
     # resume: nothing is computed again
     with Store(tmp_path / "runs" / "maskscope.sqlite") as store:

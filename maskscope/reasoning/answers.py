@@ -16,7 +16,9 @@ def spellings(problem: Problem, answer: str) -> list[str]:
     return [f" {answer}"]
 
 
-def candidates(model: Tokenizing, problem: Problem, extra: Sequence[str | None] = ()) -> tuple[Candidate, ...]:
+def candidates(
+    model: Tokenizing, problem: Problem, extra: Sequence[str | None] = ()
+) -> tuple[Candidate, ...]:
     """The candidates scored exactly: the whole answer set when it is small, else the right answer and any
     extra answers (e.g. the answer the full chain of thought gave)."""
     names = list(problem.choices) if problem.choices else [problem.answer]
@@ -27,7 +29,12 @@ def candidates(model: Tokenizing, problem: Problem, extra: Sequence[str | None] 
 
 
 def forced_job(
-    model: Tokenizing, seq: Seq, cut: int, answer_prefix: str, problem: Problem, extra: Sequence[str | None] = ()
+    model: Tokenizing,
+    seq: Seq,
+    cut: int,
+    answer_prefix: str,
+    problem: Problem,
+    extra: Sequence[str | None] = (),
 ) -> ForcedJob:
     """The forced-answer job at a cut: `answer_prefix` (leading spaces dropped when nothing precedes it in
     the assistant's turn), the exact candidate probabilities, and for open answers a short greedy answer."""
@@ -60,4 +67,36 @@ def read_forced(result: dict[str, Any], problem: Problem) -> dict[str, Any]:
         "p_correct": p.get(problem.answer, 0.0),
         "p": p,
         "open_text": result.get("open_text"),
+    }
+
+
+def exact_forced_job(
+    model: Tokenizing,
+    seq: Seq,
+    cut: int,
+    answer_prefix: str,
+    problem: Problem,
+    extra: Sequence[str | None] = (),
+) -> ForcedJob:
+    """The forced-answer job at a cut with no decoding: `answer_prefix` (leading spaces dropped when nothing
+    precedes it in the assistant's turn), then the exact whole-word probability of each candidate (the whole
+    answer set when it is small, else the right answer and `extra`, e.g. the full chain of thought's
+    answer)."""
+    text = answer_prefix.lstrip() if cut == seq.prompt_len else answer_prefix
+    return ForcedJob(seq, cut, model.tokens(text), candidates(model, problem, extra), open_tokens=0)
+
+
+def read_exact(result: dict[str, Any], problem: Problem, reference: str | None) -> dict[str, Any]:
+    """A forced answer read from exact probabilities only: P(the right answer), P(the reference answer) (None
+    without one) and, where the answer set is small, its most probable member (an exact argmax; None for open
+    answer sets, where an argmax over a few scored candidates would not be the model's answer)."""
+    p = result["p"]
+    answer = max(problem.choices, key=lambda c: p.get(c, 0.0)) if problem.choices else None
+    return {
+        "p_correct": p.get(problem.answer, 0.0),
+        "p_agree": None if reference is None else p.get(reference, 0.0),
+        "answer": answer,
+        "correct": None if answer is None else is_correct(answer, problem),
+        "agree": None if answer is None or reference is None else answer == reference,
+        "p": p,
     }

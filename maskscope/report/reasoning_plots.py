@@ -22,11 +22,15 @@ COLORS = {
     "filler:lorem": "#b03a2e",
 }
 PANELS = (
-    ("forced_correct", "accuracy, forced answer", (0, 1)),
-    ("free_correct", "accuracy, free continuation", (0, 1)),
-    ("forced_agree", "agreement with the full-CoT answer (forced)", (0, 1)),
-    ("further_tokens", "further tokens used (free continuation)", None),
-)
+    ("steps", "p_agree", "P(forced answer = full-CoT answer), exact: step cuts (Lanham's axis)",
+     "% of the CoT's steps given"),
+    ("tokens", "p_agree", "P(forced answer = full-CoT answer), exact: token grid (not Lanham's axis)",
+     "% of the stored CoT's tokens given"),
+    ("steps", "free_agree", "free continuation agrees with the full-CoT answer",
+     "% of the CoT's steps given"),
+    ("mistake", None, "mistake planted in one step: agreement with the full-CoT answer",
+     "% of the steps before the mistaken one"),
+)  # fmt: skip
 
 
 def _series(curve: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,64 +40,74 @@ def _series(curve: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.nda
     return mean, lo, hi
 
 
+def _line(ax: Any, grid: np.ndarray, curve: list[dict[str, Any]], label: str, color: Any, **kw: Any) -> None:
+    mean, lo, hi = _series(curve)
+    ok = ~np.isnan(mean)
+    if not ok.any():
+        return
+    if ok.sum() <= 2 and kw.get("points"):
+        ax.errorbar(
+            grid[ok], mean[ok], yerr=np.vstack([mean[ok] - lo[ok], hi[ok] - mean[ok]]), fmt="s",
+            color=color, capsize=3, label=label,
+        )  # fmt: skip
+        return
+    ax.plot(grid[ok], mean[ok], kw.get("style", "-"), marker="o", ms=3, lw=kw.get("lw", 1.5), color=color,
+            label=label)  # fmt: skip
+    band = ok & ~np.isnan(lo)
+    ax.fill_between(grid[band], lo[band], hi[band], color=color, alpha=0.12, linewidth=0)
+
+
+def _aoc_label(name: str, aoc: dict[str, Any] | None) -> str:
+    if not aoc or aoc.get("mean") is None:
+        return name
+    return f"{name} (AOC {aoc['mean']:.2f})"
+
+
 def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """One figure per task: accuracy (forced and free), agreement and further tokens vs % of CoT given, a
-    line per condition with its 95% bootstrap band; the no-CoT baseline as a dotted line on every panel."""
+    """One figure per task: the exact probability of the full-CoT answer against the fraction of steps
+    given (Lanham's curve, AOC in the legend) and, separately, against the token grid; free agreement on the
+    step axis; and agreement against where a planted mistake is. Bands: 95% bootstrap over questions; the
+    no-CoT value as a dotted line."""
     out_dir = Path(out_dir)
     grid = np.array(summary["grid"]) * 100
     paths = []
     for task in summary["tasks"]:
         fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
-        fillers = [name for name in task["conditions"] if name.startswith("filler")]
-        for ax, (metric, title, ylim) in zip(axes.flat, PANELS, strict=True):
-            for name, cond in task["conditions"].items():
-                mean, lo, hi = _series(cond["curves"][metric])
-                if np.all(np.isnan(mean)):
-                    continue
-                color = COLORS.get(name, None)
-                ok = ~np.isnan(mean)
-                style = "--" if cond.get("interpolated") else "-"
-                label = f"{name} (step fn.)" if cond.get("interpolated") else name
-                # fillers often coincide (with each other and the baseline): nudge their markers sideways
-                # and draw the later ones thinner, so that every one stays visible
-                nth = fillers.index(name) if name in fillers else None
-                shift = 0.0 if nth is None else 1.6 * (nth - (len(fillers) - 1) / 2)
-                if ok.sum() == 1 or (
-                    name.startswith("filler") and metric in ("free_correct", "further_tokens")
-                ):
-                    ax.errorbar(
-                        grid[ok] + shift,
-                        mean[ok],
-                        yerr=np.vstack([mean[ok] - lo[ok], hi[ok] - mean[ok]]),
-                        fmt="s",
-                        color=color,
-                        capsize=3,
-                        label=label,
-                    )
+        for ax, (axis, metric, title, xlabel) in zip(axes.flat, PANELS, strict=True):
+            if axis == "mistake":
+                m = task.get("mistake")
+                if m:
+                    for key, name, color in (
+                        ("p_agree", "P(full-CoT answer), forced (exact)", "#1f4e79"),
+                        ("free_agree", "free answer = full-CoT answer", "#b03a2e"),
+                        ("p_correct", "P(right answer), forced (exact)", "#2e8b57"),
+                    ):
+                        aoc = (
+                            m["aoc"]["forced" if key == "p_agree" else "free"] if key != "p_correct" else None
+                        )
+                        _line(ax, grid, m["by_position"][key], _aoc_label(name, aoc), color)
                 else:
-                    width = 1.5 if nth is None else 3.0 - 1.2 * nth
-                    ax.plot(
-                        grid[ok],
-                        mean[ok],
-                        style,
-                        marker="o",
-                        ms=3,
-                        lw=max(width, 0.8),
-                        color=color,
-                        label=label,
+                    ax.text(
+                        0.5, 0.5, "no mistake condition", ha="center", va="center", transform=ax.transAxes
                     )
-                    band = ok & ~np.isnan(lo)
-                    ax.fill_between(grid[band], lo[band], hi[band], color=color, alpha=0.12, linewidth=0)
-            base = task["no_cot"][metric]["mean"]
-            if base is not None:
-                ax.axhline(base, color="black", linestyle=":", linewidth=1.2, label="no CoT (baseline)")
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("% of the stored CoT given")
+            else:
+                for name, cond in task["conditions"].items():
+                    curves = cond["curves"].get(axis)
+                    if not curves:
+                        continue
+                    mode = "forced" if metric == "p_agree" else "free"
+                    label = _aoc_label(name, cond["aoc"].get(axis, {}).get(mode))
+                    _line(ax, grid, curves[metric], label, COLORS.get(name), points=name.startswith("filler"))
+                base = task["no_cot"][metric]["mean"]
+                if base is not None:
+                    ax.axhline(base, color="black", linestyle=":", linewidth=1.2, label="no CoT (baseline)")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(xlabel)
             ax.set_xlim(-3, 103)
-            if ylim:
-                ax.set_ylim(-0.03, 1.03)
+            ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
-        axes[0, 0].legend(fontsize=8, loc="best")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="best")
         greedy = "greedy" if summary["spec"]["temperature"] == 0 else f"T={summary['spec']['temperature']}"
         fig.suptitle(
             f"{task['label']}: is the chain of thought load-bearing?  (n={task['n']} questions, {greedy}; "
