@@ -1,4 +1,4 @@
-"""Model names to models: "default" (the bundled model), "hf:DIR", "gguf:FILE"."""
+"""Model names to models: "default" (the bundled model), "hf:DIR", "gguf:FILE", "openai:URL#MODEL"."""
 
 from __future__ import annotations
 

@@ -1,2 +1,2 @@
-"""Reasoning experiments' machinery: KV reuse across truncation points, cached jobs, CoT text surgery and
-metrics."""
+"""Reasoning experiments' machinery: forced answers for task problems, CoT text surgery and metrics (the KV
+reuse across truncation points is the engine's: maskscope.models.hf)."""
