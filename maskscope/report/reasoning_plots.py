@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maskscope.reasoning.text import slug  # noqa: E402
+from maskscope.report import plain_text, save_figure  # noqa: E402
 
 COLORS = {
     "truncated": "#1f4e79",
@@ -36,6 +37,7 @@ def _series(curve: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.nda
     return mean, lo, hi
 
 
+@plain_text
 def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """One figure per task: accuracy (forced and free), agreement and further tokens vs % of CoT given, a
     line per condition with its 95% bootstrap band; the no-CoT baseline as a dotted line on every panel."""
@@ -102,12 +104,13 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         )
         fig.tight_layout()
         path = out_dir / task["plot"]
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+@plain_text
 def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """One figure per task: per mask, sampled accuracy (Wilson interval) and the exact mean probability of
     the right answer (bootstrap interval); where the answer set is small, the chance level and the range
@@ -162,12 +165,13 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"capabilities_{slug(task['label'])}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+@plain_text
 def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Per forced prefill: the exact probability that the reply goes on with a self-correction marker, and
     the sampled categories of what follows (Wilson intervals)."""
@@ -215,6 +219,6 @@ def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out_dir / "prefill.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
