@@ -360,7 +360,9 @@ app.command("mutual-value")(mutual_value_command)
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns typer.Exit's code
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         print(f"maskscope: error: {e}", file=sys.stderr)
         sys.exit(2)

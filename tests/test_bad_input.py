@@ -120,7 +120,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
         t,
         {**BASE, "model": "openai:http://127.0.0.1:9/v1#m", "server": {"api_key_env": "SECRET_DB_PASSWORD"}},
     ),
-    "key over plain http to a remote host": lambda t: _run(t, {**BASE, "model": "openai:http://example.com/v1#m"}),
+    "key over plain http to a remote host": lambda t: _run(
+        t, {**BASE, "model": "openai:http://example.com/v1#m"}
+    ),
     "--store a directory": lambda t: _store(t, "directory"),
     "--store not a database": lambda t: _store(t, "garbage"),
     "score --top-k -1": lambda t: ["score", "hi", "no", "--top-k", "-1"],
