@@ -361,6 +361,8 @@ def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit status 2."""
     try:
         code = app(standalone_mode=False)  # without standalone mode, click returns typer.Exit's code
+        if code == 130:  # typer turns Ctrl-C into Exit(130)
+            print(INTERRUPTED, file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as e:

@@ -212,12 +212,7 @@ def run(
         try:
             summary = experiment.run(cached, spec, progress)
         except BaseException:
-            computed = store.count()
             store.finish_run(spec.name, "interrupted")
-            if computed == 0 and created.store is not None:
-                store.close()
-                store = None
-                created.remove()
             raise
         store.finish_run(spec.name, "done")
         summary = redact(summary)

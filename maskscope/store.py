@@ -127,7 +127,7 @@ def _store_error(e: sqlite3.Error, path: Path) -> UserError | None:
         "not a database" in text
         or "malformed" in text
         or "corrupt" in text
-        or isinstance(e, sqlite3.DatabaseError)
+        or type(e) is sqlite3.DatabaseError
     ):
         return UserError(
             f"the store {path} is damaged ({e}); `maskscope cache repair --store {path}` salvages the readable "
@@ -297,8 +297,10 @@ class Store:
         process holds the lock; the lock is held only for fn's statements."""
 
         def transaction() -> T:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
+                if self.db.in_transaction:  # left open by an interruption between two statements
+                    self.db.execute("ROLLBACK")
+                self.db.execute("BEGIN IMMEDIATE")
                 value = fn()
                 self.db.execute("COMMIT")
                 return value

@@ -3,6 +3,7 @@ no traceback, and nothing written (no output directory, no store, nothing in the
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -197,3 +198,89 @@ def test_the_store_checks_refuse_a_damaged_file_before_reading_it(tmp_path: Path
     outcome = invoke(["cache", "runs", "x", "--store", str(db)])
     assert outcome.one_line_error(), outcome.stderr
     assert "cache repair" in outcome.stderr
+
+
+# ----------------------------------------------------------------- end to end
+def _character(name: str, model: str, **changes: object) -> dict:
+    return {**BASE, "name": name, "model": model, **changes}
+
+
+def test_labels_are_plain_text_in_plots(tiny, tmp_path: Path):
+    """A persona named like TeX markup once crashed the plots after every result was computed."""
+    from maskscope.runner import parse_spec, run
+
+    spec = _character(
+        "tex",
+        "default",
+        personas=[{"name": "$\\alpha^{$", "system": "x"}, {"name": "a $ b", "system": "y"}],
+        pressures=[{"name": "$x_{$", "user": "Say no."}],
+    )
+    out = run(*parse_spec(spec), out_root=tmp_path, model=tiny)
+    assert {"summary.json", "report.html", "exact_heatmap.png", "sampled_categories.png"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+def test_a_hostile_weights_file_is_one_line_runs_nothing_and_leaves_nothing(tiny_dir: Path, tmp_path: Path):
+    import shutil
+
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # what a hostile pickle does when loaded
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    model_dir = tmp_path / "hostile"
+    shutil.copytree(tiny_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save({"model.embed_tokens.weight": Payload()}, model_dir / "pytorch_model.bin")
+    work = tmp_path / "work"
+    work.mkdir()
+    args = _run(work, _character("hostile", f"hf:{model_dir}"))
+    before = tree(work)
+    outcome = invoke(args, cwd=work)
+    assert outcome.traceback is None, outcome.traceback
+    assert outcome.one_line_error() and "cannot load model" in outcome.stderr, outcome.stderr
+    assert not marker.exists()
+    assert tree(work) == before  # no output directory, no empty store
+
+
+def test_ctrl_c_during_a_run_exits_130_and_the_rerun_resumes(tiny_dir: Path, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _spec(tmp_path, _character("intr", f"hf:{tiny_dir}", samples=400, max_new_tokens=16))
+    cmd = [sys.executable, "-m", "maskscope.cli", "run", str(spec), "--out", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "out" / "maskscope.sqlite"
+    deadline = time.time() + 300
+    stored = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            con = sqlite3.connect(db)
+            stored = con.execute("SELECT COUNT(*) FROM calls WHERE method = 'sample'").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            stored = 0
+        if stored >= 20:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert [x for x in err.splitlines() if x.strip()][-1] == "interrupted: rerun the same command to resume"
+    con = sqlite3.connect(db)
+    kept = con.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+    status = con.execute("SELECT status FROM runs WHERE name = 'intr'").fetchone()[0]
+    con.close()
+    assert kept >= 20 and status == "interrupted"
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    summary = json.loads((tmp_path / "out" / "intr" / "summary.json").read_text())
+    assert summary["run"]["hits"] == kept and summary["run"]["misses"] == 1 + 1 + 400 - kept
