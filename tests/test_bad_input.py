@@ -153,6 +153,10 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
 }
 
 
+# the environment of a case, where it matters
+CASE_ENV = {"key over plain http to a remote host": {"MASKSCOPE_API_KEY": "k"}}
+
+
 @pytest.fixture
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty model cache with the bundled model's dequantized copy linked in, to see what is added."""
@@ -173,7 +177,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Pa
     work.mkdir()
     args = CASES[case](work)
     before, cache_before = tree(work), tree(isolated_cache)
-    outcome = invoke(args, cwd=work)
+    outcome = invoke(args, cwd=work, env=CASE_ENV.get(case))
     assert outcome.traceback is None, outcome.traceback
     assert outcome.one_line_error(), (outcome.code, outcome.stderr)
     assert tree(work) == before, "something was written"
