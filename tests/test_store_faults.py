@@ -443,3 +443,28 @@ def test_repair_keeps_a_sound_store_whole(tmp_path: Path):
     with Store(db) as s:
         assert {k: s.get(k) for k in results} == results
     shutil.rmtree(tmp_path / "nothing", ignore_errors=True)
+
+
+def test_a_read_only_output_directory_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch):
+    from maskscope import runner
+
+    spec = {
+        "experiment": "character",
+        "name": "ro",
+        "personas": [{"name": "p"}],
+        "pressures": [{"name": "q", "user": "x"}],
+        "targets": ["no"],
+    }
+    experiment, parsed = runner.parse_spec(spec)
+    loads = []
+    monkeypatch.setattr("maskscope.models.registry.load_model", lambda *a, **k: loads.append(1))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_only(*args, **kwargs):  # what creating a file in a read-only directory raises
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(runner.tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match=r"cannot write outputs to .*out/ro: the file system is read-only"):
+        runner.run(experiment, parsed, out_root=out)
+    assert loads == [] and tree(out) == set()  # the run directory made for the check is gone again
