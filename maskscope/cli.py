@@ -357,6 +357,15 @@ def cache_runs(
 app.command("mutual-value")(mutual_value_command)
 
 
+def one_line(message: str) -> str:
+    """A message as one line: control characters (a newline or vertical tab in a file name...) escaped."""
+    import unicodedata
+
+    return "".join(
+        c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii") for c in message
+    )
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit status 2."""
     try:
@@ -366,7 +375,7 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except UserError as e:
-        print(f"maskscope: error: {e}", file=sys.stderr)
+        print(f"maskscope: error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
@@ -378,7 +387,7 @@ def main() -> None:
         sys.exit(130)
     except typer.TyperException as e:  # usage errors: a missing argument, an unknown command or option
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"maskscope: error: {message} (see maskscope --help)", file=sys.stderr)
+        print(f"maskscope: error: {one_line(message)} (see maskscope --help)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -93,6 +93,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "spec not UTF-8": lambda t: _run(t, yaml.safe_dump(BASE).encode().replace(b"pirate.", b"pir\xe2te.")),
     "spec not YAML": lambda t: _run(t, "experiment: [character\n"),
     "spec missing": lambda t: ["run", str(t / "in" / "none.yaml"), "--out", str(t / "out")],
+    "spec path with a line break": lambda t: ["run", "a\x0bb\nc.yaml", "--out", str(t / "out")],
     "mask library not UTF-8": _posterior_library,
     "task file not UTF-8": _capabilities_jsonl,
     "name with a NUL byte": lambda t: _run(t, {**BASE, "name": "a\x00b"}),
