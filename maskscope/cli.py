@@ -362,7 +362,8 @@ def one_line(message: str) -> str:
     import unicodedata
 
     return "".join(
-        c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii") for c in message
+        c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii")
+        for c in message
     )
 
 
