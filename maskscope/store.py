@@ -110,7 +110,8 @@ def _busy(e: sqlite3.Error) -> bool:
 
 def _store_error(e: sqlite3.Error, path: Path) -> UserError | None:
     """The one-line UserError for an SQLite error a user can do something about, else None."""
-    text = str(e).lower()
+    shown = " ".join(str(e).split())[:200]
+    text = shown.lower()
     if "full" in text:
         return UserError(
             f"cannot write the store {path}: the disk is full; free space, then rerun the same command to resume"
@@ -125,20 +126,37 @@ def _store_error(e: sqlite3.Error, path: Path) -> UserError | None:
         return UserError(f"cannot use the store {path}: {what}; give a writable file path (--store)")
     if (
         "not a database" in text
+        or "no such column" in text  # a schema whose text was damaged
+        or "no such table" in text
         or "malformed" in text
         or "corrupt" in text
         or type(e) is sqlite3.DatabaseError
     ):
         return UserError(
-            f"the store {path} is damaged ({e}); `maskscope cache repair --store {path}` salvages the readable "
+            f"the store {path} is damaged ({shown}); `maskscope cache repair --store {path}` salvages the readable "
             "results (then rerun to recompute the rest)"
         )
     return None
 
 
+def _text(data: bytes) -> str:
+    """SQLite text as str; bytes that are not UTF-8 (a damaged page) become lone surrogates, so that the row
+    fails its checksum instead of failing the query."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _open(path: Path | str, *, read_only: bool = False) -> sqlite3.Connection:
+    uri = f"file:{Path(path).absolute().as_posix()}?mode=ro" if read_only else str(path)
+    db = sqlite3.connect(uri, uri=read_only, timeout=BUSY_TIMEOUT, isolation_level=None)
+    db.text_factory = _text
+    return db
+
+
 def _usable_row(key: str, parts: str, result: str, checksum: str | None) -> Any | None:
     """A stored row's result if its checksum holds and it parses, else None."""
-    if checksum is None or checksum != row_checksum(key, parts, result):
+    if not all(isinstance(x, str) for x in (key, parts, result, checksum)):  # a damaged record's types
+        return None
+    if checksum != row_checksum(key, parts, result):
         return None
     try:
         return _Parsed(json.loads(result))
@@ -210,7 +228,7 @@ class Store:
             raise
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT, isolation_level=None)
+        db = _open(self.path)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         return db
 
@@ -280,6 +298,8 @@ class Store:
             if error is None:
                 raise
             raise error from None
+        except UnicodeDecodeError:  # SQLite's own message quoted bytes of a damaged schema
+            raise _store_error(sqlite3.DatabaseError("damaged schema"), self.path) from None
         except OSError as e:
             from maskscope.files import write_error
 
@@ -552,7 +572,7 @@ def check_store(path: str | Path) -> CheckReport:
     if not path.is_file():
         raise UserError(f"store not found: {path}")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+        db = _open(path, read_only=True)
         try:
             rows = [r[0] for r in db.execute("PRAGMA integrity_check(5)")]
             problem = None if rows == ["ok"] else "; ".join(map(str, rows))[:300]
@@ -571,8 +591,8 @@ def check_store(path: str | Path) -> CheckReport:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
         finally:
             db.close()
-    except sqlite3.DatabaseError as e:
-        if _busy(e):
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
+        if isinstance(e, sqlite3.Error) and _busy(e):
             raise UserError(
                 f"the store {path} is locked by another process; try again when it is done"
             ) from None
@@ -585,11 +605,11 @@ def _salvage(db: sqlite3.Connection, table: str, columns: str) -> tuple[list[tup
     could be read."""
     try:
         return db.execute(f"SELECT {columns} FROM {table}").fetchall(), True
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, UnicodeDecodeError):
         pass
     try:
         top = int(db.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0] or 0)
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, UnicodeDecodeError):
         top = 1_000_000
     rows: list[tuple[Any, ...]] = []
     step = 256
@@ -598,13 +618,21 @@ def _salvage(db: sqlite3.Connection, table: str, columns: str) -> tuple[list[tup
             rows += db.execute(
                 f"SELECT {columns} FROM {table} WHERE rowid >= ? AND rowid < ?", (low, low + step)
             ).fetchall()
-        except sqlite3.DatabaseError:
+        except (sqlite3.DatabaseError, UnicodeDecodeError):
             for rowid in range(low, low + step):
                 try:
                     rows += db.execute(f"SELECT {columns} FROM {table} WHERE rowid = ?", (rowid,)).fetchall()
-                except sqlite3.DatabaseError:
+                except (sqlite3.DatabaseError, UnicodeDecodeError):
                     continue
     return rows, False
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def repair_store(path: str | Path) -> RepairReport:
@@ -618,11 +646,11 @@ def repair_store(path: str | Path) -> RepairReport:
     run_rows: list[tuple[Any, ...]] = []
     total = 0
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+        db = _open(path, read_only=True)
         try:
             try:
                 columns = {r[1] for r in db.execute("PRAGMA table_info(calls)")}
-            except sqlite3.DatabaseError:
+            except (sqlite3.DatabaseError, UnicodeDecodeError):
                 columns = set()
             if columns:
                 checksum = "checksum" if "checksum" in columns else "NULL"
@@ -631,17 +659,22 @@ def repair_store(path: str | Path) -> RepairReport:
                 total = len(calls)
                 try:
                     run_rows, _ = _salvage(db, "runs", "name, spec, status, started, finished, hits, misses")
-                except sqlite3.DatabaseError:
+                except (sqlite3.DatabaseError, UnicodeDecodeError):
                     run_rows = []
         finally:
             db.close()
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, UnicodeDecodeError):
         calls = []
     kept = []
     for key, method, parts, result, created, writes, checksum in calls:
         try:
-            if not isinstance(key, str) or not isinstance(parts, str) or not isinstance(result, str):
+            if not all(isinstance(x, str) and _utf8(x) for x in (key, method, parts, result)):
                 continue
+            decoded = json.loads(parts)
+            if not isinstance(decoded, dict) or decoded.get("method") != method:  # method is outside the checksum
+                continue
+            created = created if isinstance(created, int | float) else time.time()
+            writes = writes if isinstance(writes, int) else 1
             if checksum is None:
                 if call_key(json.loads(parts)) != key:
                     continue
@@ -664,7 +697,7 @@ def repair_store(path: str | Path) -> RepairReport:
             for statement in [x for x in SCHEMA.split(";") if x.strip()]:
                 new.execute(statement)
             new.executemany("INSERT OR IGNORE INTO calls VALUES (?, ?, ?, ?, ?, ?, ?)", kept)
-            good_runs = [r for r in run_rows if all(isinstance(x, str) for x in r[:3])]
+            good_runs = [r for r in run_rows if all(isinstance(x, str) and _utf8(x) for x in r[:3])]
             new.executemany("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)", good_runs)
             new.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             new.execute("COMMIT")
