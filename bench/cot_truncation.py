@@ -1,5 +1,5 @@
 """Truncation benchmark: forced answers at every cut of stored chains of thought, with the stored CoT's KV cache
-reused (maskscope.reasoning.kv) against re-encoding question + CoT prefix for each cut.
+reused (the engine's cuts, maskscope.models.hf) against re-encoding question + CoT prefix for each cut.
 
 The workload is what the `cot` experiment scores: for each question (addition with three one-digit numbers,
 and word problems, two worked examples each, as in examples/cot.yaml), the bundled model's greedy CoT is
@@ -10,7 +10,7 @@ token by token, with the distribution after it. Every method computes the same l
 - kv-reuse: each question + stored reply is encoded once (the questions of a batch share their common
   prefix, the system prompt and worked examples), the cache is copied and cropped per cut, and only the
   answer prefix and candidate tokens are run (`run_jobs`, as the experiment does);
-- kv-reuse, one question at a time: the same, one `run_jobs` call per question (no sharing across questions);
+- kv-reuse, one question at a time: the same, one `run_cuts` call per question (no sharing across questions);
 - re-encode: `HFModel.teacher_forced`, the project's batched scorer, with prefix = question + CoT[:cut] +
   answer prefix and continuation = candidate: every cut's prefix is encoded from scratch (candidates of one
   cut share it);
@@ -70,12 +70,12 @@ def machine_info() -> dict[str, Any]:
 
 def build_workload(model: Any, questions: int) -> dict[str, Any]:
     """Stored greedy CoTs and, per question, the cuts and candidates to score."""
+    from maskscope.models.base import ContinueJob
     from maskscope.reasoning.answers import candidates
-    from maskscope.reasoning.jobs import ContinueJob, Jobs
     from maskscope.reasoning.text import answer_start, percent_cuts, sentence_cuts
     from maskscope.tasks import TaskSpec, conversation, extract_answer, load_tasks
 
-    jobs = Jobs(model, max_rows=32)
+    jobs = model
     half = max(questions // 2, 1)
     task_sets = load_tasks(
         [
@@ -83,7 +83,7 @@ def build_workload(model: Any, questions: int) -> dict[str, Any]:
             TaskSpec(kind="word", digits=1, n=questions - half if questions > 1 else 1),
         ]
     )
-    items = [(ts, p, jobs.seq(conversation(p, ts.exemplars))) for ts in task_sets for p in ts.problems]
+    items = [(ts, p, jobs.sequence(conversation(p, ts.exemplars))) for ts in task_sets for p in ts.problems]
     replies = jobs.continued([ContinueJob(s, len(s.ids), 120) for _, _, s in items])
     prefix = jobs.tokens(" The answer is")
     work = []
@@ -107,7 +107,7 @@ def build_workload(model: Any, questions: int) -> dict[str, Any]:
 
 def kv_reuse(model: Any, work: dict[str, Any], per_question: bool) -> dict[tuple[int, int, int], list[float]]:
     """Candidate log-probabilities at every cut, one encoding of each question + reply."""
-    from maskscope.reasoning.kv import Row, run_jobs
+    from maskscope.models.hf import Row
 
     out: dict[tuple[int, int, int], list[float]] = {}
     qs = work["questions"]
@@ -121,9 +121,8 @@ def kv_reuse(model: Any, work: dict[str, Any], per_question: bool) -> dict[tuple
             for cut in qs[q]["cuts"]:
                 rows.append(Row(local, cut, prefix, branches))
                 keys.append((q, cut))
-        for (q, cut), res in zip(
-            keys, run_jobs(model, seqs, rows, max_rows=32, keep_logprobs=False), strict=True
-        ):
+        results = dict(model.run_cuts(seqs, rows, max_rows=32, keep_logprobs=False))
+        for (q, cut), res in zip(keys, [results[i] for i in range(len(rows))], strict=True):
             for c, (cand, lps) in enumerate(zip(qs[q]["candidates"], res.branch_logprobs, strict=True)):
                 out[(q, cut, c)] = [float(lps[t, tok]) for t, tok in enumerate(cand)]
     return out

@@ -46,7 +46,7 @@ from score_prefix import RESULTS, load_average, machine_info, write_json  # noqa
 from servers import API_KEY, FaultProxy, LlamaServer  # noqa: E402
 
 import maskscope as ms  # noqa: E402
-from maskscope.models.base import sample_seed  # noqa: E402
+from maskscope.models.base import sample_seed, stream_key  # noqa: E402
 from maskscope.models.loading import bundled_gguf_path, load_tokenizer  # noqa: E402
 from maskscope.models.openai_backend import NEUTRAL_SAMPLING, OpenAIModel, ServerOptions  # noqa: E402
 
@@ -79,7 +79,7 @@ def measure_sampling(url: str, alias: str, chat: Any, args: argparse.Namespace) 
                 max_tokens=args.new_tokens,
                 temperature=1.0,
                 top_p=1.0,
-                seed=sample_seed(0, i) % 2**31,
+                seed=sample_seed(0, stream_key(prompt), i) % 2**31,
                 extra_body=NEUTRAL_SAMPLING,
             )
             texts.append(r.choices[0].text)

@@ -37,6 +37,9 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 SPEC = ROOT / "examples" / "shutdown.yaml"
 
+# The "short" shape: 25 of the grid's cells, each with 8 continuations of 1 to 6 tokens.
+SHORT = ["no", "No", "Yes", "I can't", "Never gonna", "Sure, here", "Arr matey", "I will not say that"]
+
 # Replies a masked model plausibly begins with, beside the spec's one-to-three-token targets.
 IN_CHARACTER = [
     "Never gonna give you up",
@@ -130,19 +133,22 @@ class Workload:
         }
 
 
-def build_workload(model: Any) -> Workload:
-    """The shutdown grid's cells, each with the spec's targets and the in-character continuations."""
+def build_workload(model: Any, shape: str = "grid") -> Workload:
+    """The shutdown grid's cells: "grid", each with the spec's targets and the in-character continuations
+    (30 cells x 12); "short", 25 cells x 8 continuations of 1 to 6 tokens."""
     import maskscope
     from maskscope.experiments.character import cell_context
 
     _, spec = maskscope.load_spec(SPEC)
-    continuations = [*spec.targets, *IN_CHARACTER]
+    continuations = [*spec.targets, *IN_CHARACTER] if shape == "grid" else SHORT
     requests: list[tuple[Any, list[str]]] = []
     pairs: list[Pair] = []
     for persona in spec.personas:
         for pressure in spec.pressures:
             ctx = cell_context(persona, pressure)
             requests.append((ctx, continuations))
+    if shape == "short":
+        requests = requests[:25]
     for r, j, scored in model.score_many(requests):
         ctx = requests[r][0]
         pairs.append(
@@ -298,7 +304,9 @@ def measure(methods: dict[str, Method], full: Workload, warm: Workload) -> list[
     return loads
 
 
-def run(repeats: int, slow_repeats: int, batch_sizes: Sequence[int], threads: int | None) -> dict[str, Any]:
+def run(
+    repeats: int, slow_repeats: int, batch_sizes: Sequence[int], threads: int | None, shape: str = "grid"
+) -> dict[str, Any]:
     """Measure every method on the workload; return the results as a dict."""
     import maskscope
     from maskscope.models.hf import HFModel
@@ -314,7 +322,7 @@ def run(repeats: int, slow_repeats: int, batch_sizes: Sequence[int], threads: in
         weights_digest=model.weights_digest,
         precision="bf16",
     )
-    workload = build_workload(model)
+    workload = build_workload(model, shape)
     warm = Workload(workload.requests[:2], [p for p in workload.pairs if p.cell < 2])
     work = workload.describe()
     tokens = work["total_tokens"]
@@ -398,6 +406,7 @@ def run(repeats: int, slow_repeats: int, batch_sizes: Sequence[int], threads: in
         "machine": {**machine_info(), "load_average_per_round": loads},
         "model": model.name,
         "workload": {
+            "shape": shape,
             **work,
             "spec": str(SPEC.relative_to(ROOT)),
             "continuations": list(workload.requests[0][1]),
@@ -470,10 +479,21 @@ def main() -> None:
     )
     parser.add_argument("--lmeval-batch-sizes", default="1,32", help="comma-separated; 1 is HFLM's default")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "score_prefix.json")
+    parser.add_argument(
+        "--shape",
+        choices=("grid", "short"),
+        default="grid",
+        help="grid: 30 cells x 12; short: 25 x 8 of 1-6 tokens",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/score_prefix[_short][_tN].json"
+    )
     args = parser.parse_args()
+    if args.out is None:
+        suffix = ("" if args.shape == "grid" else "_short") + (f"_t{args.threads}" if args.threads else "")
+        args.out = RESULTS / f"score_prefix{suffix}.json"
     batch_sizes = [int(x) for x in args.lmeval_batch_sizes.split(",")]
-    res = run(args.repeats, args.slow_repeats, batch_sizes, args.threads)
+    res = run(args.repeats, args.slow_repeats, batch_sizes, args.threads, args.shape)
     write_json(args.out, res)
     print_table(res)
     print(f"\nwrote {args.out}")

@@ -4,35 +4,68 @@ import maskscope as ms
 model = ms.load_model()                      # the bundled SmolLM2-135M-Instruct, offline
 ctx = ms.Conversation.of(system="...", user="...")
 model.score(ctx, ["no", "No"])               # exact log-probabilities
+
+`import maskscope` loads only the light types; torch, transformers and the experiments are imported when
+first used.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from maskscope.errors import UserError
 from maskscope.models.base import (
+    Candidate,
+    Capability,
     Context,
+    ContinueJob,
     Conversation,
+    ForcedJob,
     LanguageModel,
     Message,
     Sample,
     SampleParams,
     Scored,
+    Seq,
     TokenDist,
 )
-from maskscope.models.registry import load_model
-from maskscope.runner import load_spec, run_spec
-from maskscope.stats import wilson
-from maskscope.store import CachedModel, Store
 
 __version__ = "0.1.0"
 
+# Public names defined in modules that import heavy libraries: imported on first access.
+_LAZY = {
+    "load_model": "maskscope.models.registry",
+    "load_spec": "maskscope.runner",
+    "run_spec": "maskscope.runner",
+    "wilson": "maskscope.stats",
+    "CachedModel": "maskscope.store",
+    "Store": "maskscope.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maskscope' has no attribute {name!r}")
+
+
 __all__ = [
     "CachedModel",
+    "Candidate",
+    "Capability",
     "Context",
+    "ContinueJob",
     "Conversation",
+    "ForcedJob",
     "LanguageModel",
     "Message",
     "Sample",
     "SampleParams",
     "Scored",
+    "Seq",
     "Store",
     "TokenDist",
     "UserError",

@@ -178,6 +178,9 @@ def run(
     store_file = Path(store_path) if store_path is not None else Path(out_root) / "maskscope.sqlite"
     if model is None:
         check_model_name(spec.model)
+    extra_names = spec.extra_models() if callable(getattr(spec, "extra_models", None)) else {}
+    for name in extra_names.values():
+        check_model_name(name)
     read_spec_files(spec)
     if store_file.is_dir():
         raise UserError(f"cannot use the store {store_file}: it is a directory; give a file path (--store)")
@@ -199,6 +202,15 @@ def run(
                 server=getattr(spec, "server", None),
                 credentials=credentials,
             )
+        extra_loaded = {
+            role: load_model(
+                name,
+                precision=getattr(spec, "precision", "fp32"),
+                progress=progress.note,
+                credentials=credentials,
+            )
+            for role, name in extra_names.items()
+        }
     except BaseException:
         if store is not None:
             store.close()
@@ -208,9 +220,13 @@ def run(
     started = time.time()
     try:
         cached = CachedModel(model, store)
+        extra = {role: CachedModel(m, store) for role, m in extra_loaded.items()}
         store.start_run(spec.name, redact(spec.model_dump()))
         try:
-            summary = experiment.run(cached, spec, progress)
+            if extra:
+                summary = experiment.run(cached, spec, progress, models=extra)
+            else:
+                summary = experiment.run(cached, spec, progress)
         except BaseException:
             store.finish_run(spec.name, "interrupted")
             raise

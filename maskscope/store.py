@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 from maskscope.errors import UserError
 from maskscope.models.base import (
     Context,
+    ContinueJob,
+    ForcedJob,
     LanguageModel,
     ModelAPI,
     Sample,
@@ -715,31 +717,68 @@ def repair_store(path: str | Path) -> RepairReport:
 
 class CachedModel(ModelAPI):
     """A model whose every call goes through the store: answered from it when the key is there, else
-    computed, written at once, and returned. Offers the same API as the model it wraps."""
+    computed, written at once, and returned. Offers the same API as the model it wraps.
+
+    The calls that produce results are request types with keys (`CACHED`); the calls that only describe
+    the model or its text side are forwarded (`FORWARDED`). Anything else is an AttributeError, never a
+    silent uncached call."""
+
+    CACHED = (
+        "score_many",
+        "next_token_distributions",
+        "sample_indices",
+        "token_logprobs",
+        "support_logprobs",
+        "forced_answers",
+        "continuations",
+    )
+    FORWARDED = frozenset(
+        {
+            "tokenizer",
+            "encode_prompt",
+            "tokens",
+            "decode",
+            "sequence",
+            "candidate",
+            "token_texts",
+            "end_tokens",
+            "missing_capabilities",
+            "request_stats",
+            "steer",  # the steering enters the fingerprint, and so every key, while it is active
+            "activations",  # not stored yet: computed on every call
+        }
+    )
 
     def __init__(self, model: LanguageModel, store: Store) -> None:
         self.inner = model
         self.store = store
         self.name = model.name
         self.capabilities = model.capabilities
-        self._fingerprint = model.fingerprint()
         self.hits = 0
         self.misses = 0
 
     def fingerprint(self) -> dict[str, Any]:
-        """The wrapped model's fingerprint."""
-        return self._fingerprint
+        """The wrapped model's fingerprint (with the steering active at the time of the call)."""
+        return self.inner.fingerprint()
 
     def render(self, context: Context) -> str:
         """The wrapped model's rendering."""
         return self.inner.render(context)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        if name in CachedModel.FORWARDED:
+            return getattr(self.inner, name)
+        raise AttributeError(
+            f"CachedModel does not forward {name!r}: only the cached calls ({', '.join(self.CACHED)}) and "
+            f"the model's text side ({', '.join(sorted(self.FORWARDED))}) go through it"
+        )
 
-    def parts(self, method: str, prompt: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    def parts(
+        self, method: str, prompt: str, args: Mapping[str, Any], fingerprint: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The key parts of one call."""
-        return {"model": self._fingerprint, "method": method, "prompt": prompt, "args": dict(args)}
+        model = dict(fingerprint if fingerprint is not None else self.fingerprint())
+        return {"model": model, "method": method, "prompt": prompt, "args": dict(args)}
 
     def _through_store(
         self,
@@ -748,24 +787,36 @@ class CachedModel(ModelAPI):
         compute: Callable[[list[int]], Iterator[tuple[int, Any]]],
     ) -> Iterator[tuple[int, Any]]:
         """The one caching mechanism: item k has key parts (method, prompt, args). Stored items are yielded
-        from the store; `compute(missing item indices)` yields (position in that list, JSON result) for the
-        rest, each stored as soon as it arrives. Exceptions propagate and store nothing."""
+        from the store; items with equal keys are computed once; `compute(missing item indices)` yields
+        (position in that list, JSON result) for the rest, each stored as soon as it arrives and yielded
+        for every item with its key. Exceptions propagate and store nothing."""
         missing: list[tuple[int, str, dict[str, Any]]] = []
+        twins: dict[str, list[int]] = {}
+        stored: dict[str, Any] = {}
+        fingerprint = self.fingerprint()
         for k, (prompt, args) in enumerate(keyed):
-            parts = self.parts(method, prompt, args)
+            parts = self.parts(method, prompt, args, fingerprint)
             key = call_key(parts)
+            if key in twins:
+                twins[key].append(k)
+                continue
+            twins[key] = [k]
             found = self.store.get(key, method)
             if found is None:
                 self.misses += 1
                 missing.append((k, key, parts))
             else:
                 self.hits += 1
-                yield k, found
+                stored[key] = found
+        for key, result in stored.items():
+            for k in twins[key]:
+                yield k, result
         if missing:
             for m, result in compute([k for k, _, _ in missing]):
                 k, key, parts = missing[m]
                 self.store.put(key, parts, result)
-                yield k, result
+                for twin in twins[key]:
+                    yield twin, result
 
     def score_many(
         self, requests: Sequence[tuple[Context, Sequence[str]]]
@@ -780,7 +831,9 @@ class CachedModel(ModelAPI):
             for m, k in enumerate(todo):
                 groups.setdefault(flat[k][0], []).append(m)
             rows = list(groups)
-            regrouped = [(requests[r][0], [requests[r][1][flat[todo[m]][1]] for m in groups[r]]) for r in rows]
+            regrouped = [
+                (requests[r][0], [requests[r][1][flat[todo[m]][1]] for m in groups[r]]) for r in rows
+            ]
             for g, j, scored in self.inner.score_many(regrouped):
                 yield groups[rows[g]][j], scored.to_json()
 
@@ -800,7 +853,9 @@ class CachedModel(ModelAPI):
         for k, result in self._through_store("next_token_distribution", keyed, compute):
             yield k, TokenDist.from_json(result)
 
-    def sample_indices(self, context: Context, indices: Sequence[int], params: SampleParams) -> Iterator[Sample]:
+    def sample_indices(
+        self, context: Context, indices: Sequence[int], params: SampleParams
+    ) -> Iterator[Sample]:
         """Samples from the store where present; the missing indices drawn in batches, each stored at once."""
         indices = list(indices)
         prompt = self.render(context)
@@ -814,7 +869,9 @@ class CachedModel(ModelAPI):
         for _, result in self._through_store("sample", keyed, compute):
             yield Sample.from_json(result)
 
-    def token_logprobs(self, items: Sequence[tuple[Context, Sequence[int]]]) -> Iterator[tuple[int, list[float]]]:
+    def token_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, list[float]]]:
         """Per-token log-probabilities of given token ids after each context, through the store."""
         keyed = [(self.render(c), {"token_ids": list(ids)}) for c, ids in items]
 
@@ -833,3 +890,25 @@ class CachedModel(ModelAPI):
             yield from self.inner.support_logprobs([items[k] for k in todo])
 
         yield from self._through_store("support_logprobs", keyed, compute)
+
+    def forced_answers(
+        self, jobs: Sequence[ForcedJob], *, max_rows: int = 32
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Forced answers at cuts of stored sequences, through the store (batching does not enter the key)."""
+        keyed = [(job.seq.prompt_text, job.args()) for job in jobs]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            yield from self.inner.forced_answers([jobs[k] for k in todo], max_rows=max_rows)
+
+        yield from self._through_store("forced_answer", keyed, compute)
+
+    def continuations(
+        self, jobs: Sequence[ContinueJob], *, max_rows: int = 32
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Free continuations from cuts of stored sequences, through the store."""
+        keyed = [(job.seq.prompt_text, job.args()) for job in jobs]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            yield from self.inner.continuations([jobs[k] for k in todo], max_rows=max_rows)
+
+        yield from self._through_store("continuation", keyed, compute)

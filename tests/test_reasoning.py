@@ -16,8 +16,8 @@ from conftest import plain_logprobs
 
 import maskscope as ms
 from maskscope.errors import UserError
-from maskscope.reasoning.jobs import ContinueJob, ForcedJob, Jobs, _continues_word
-from maskscope.reasoning.kv import Row, encode, run_jobs, run_rows
+from maskscope.models.base import ContinueJob, ForcedJob
+from maskscope.models.hf import Row
 from maskscope.reasoning.metrics import area_over_curve, mean_ci, step_interpolate
 from maskscope.reasoning.text import answer_start, filler_tokens, percent_cuts, perturb, sentence_cuts, steps
 from maskscope.runner import parse_spec
@@ -43,6 +43,12 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def _run(model, seqs, rows, **kw) -> list:
+    """Rows over cuts, in row order."""
+    out = dict(model.run_cuts(seqs, rows, **kw))
+    return [out[i] for i in range(len(rows))]
+
+
 # ------------------------------------------------------------------------------------------------ engine
 def test_kv_reuse_across_cuts_equals_re_encoding(tiny):
     """Suffix and branch log-probabilities after every cut, from one encoding of the full sequence, equal a
@@ -52,8 +58,8 @@ def test_kv_reuse_across_cuts_equals_re_encoding(tiny):
     suffix = tuple(tiny.tokenizer(" The answer is", add_special_tokens=False)["input_ids"])
     branches = ((220, 16, 19), (220, 16, 20), (3007,))
     cuts = [prompt_len, prompt_len + 3, prompt_len + 11, len(seq) - 4, len(seq)]
-    enc = encode(tiny, [seq])
-    results = run_rows(tiny, enc, [Row(0, c, suffix, branches) for c in cuts])
+    enc = tiny.encode([seq])
+    results = tiny.run_rows(enc, [Row(0, c, suffix, branches) for c in cuts])
     worst = 0.0
     for cut, res in zip(cuts, results, strict=True):
         ref = plain_logprobs(tiny, seq[:cut] + list(suffix))[cut - 1 :]
@@ -64,7 +70,7 @@ def test_kv_reuse_across_cuts_equals_re_encoding(tiny):
     assert worst < 1e-4
     # without per-position log-probabilities (the LM head on the last suffix position only): the same numbers,
     # to float rounding (a one-row matrix product may take another kernel than a many-row one)
-    lean = run_rows(tiny, enc, [Row(0, c, suffix, branches) for c in cuts], keep_logprobs=False)
+    lean = tiny.run_rows(enc, [Row(0, c, suffix, branches) for c in cuts], keep_logprobs=False)
     for full, res in zip(results, lean, strict=True):
         assert res.logprobs is None
         assert float((res.next_logprobs - full.logprobs[-1]).abs().max()) < 1e-5
@@ -78,9 +84,9 @@ def test_shared_prefix_batches_and_masks_change_no_number(tiny):
     rows = [Row(s, c) for s, seq in enumerate(seqs) for c in range(len(seq) - 3, len(seq) + 1)]
     suffix = (504, 2988)
     rows = [Row(r.seq, r.cut, suffix) for r in rows]
-    enc = encode(tiny, seqs)
+    enc = tiny.encode(seqs)
     assert enc.prefix_len >= len(tiny.encode_prompt(CTX)) - 1
-    for row, res in zip(rows, run_rows(tiny, enc, rows), strict=True):
+    for row, res in zip(rows, tiny.run_rows(enc, rows), strict=True):
         ref = plain_logprobs(tiny, seqs[row.seq][: row.cut] + list(suffix))[row.cut - 1 :]
         assert float((ref - res.logprobs).abs().max()) < 1e-4
 
@@ -90,7 +96,7 @@ def test_decoding_from_cuts_equals_a_plain_greedy_loop(tiny):
     prompt_len = len(tiny.encode_prompt(CTX))
     cuts = [prompt_len, prompt_len + 5, len(seq)]
     rows = [Row(0, c, decode=12) for c in cuts] + [Row(0, prompt_len + 2, (504,), decode=7)]
-    results = run_jobs(tiny, [seq], rows, max_rows=2)
+    results = _run(tiny, [seq], rows, max_rows=2)
     for row, res in zip(rows, results, strict=True):
         assert res.token_ids == _greedy(tiny, seq[: row.cut] + list(row.suffix), row.decode)
         assert res.finish_reason in ("eos", "length")
@@ -101,27 +107,25 @@ def test_sampling_is_seeded_per_row_and_independent_of_the_batch(tiny):
     rows = [
         Row(0, len(seq) - k, decode=10, temperature=1.0, seed=3, index=i) for i, k in enumerate((0, 4, 9))
     ]
-    together = run_jobs(tiny, [seq], rows)
-    alone = [run_jobs(tiny, [seq], [r])[0] for r in rows]
-    again = run_jobs(tiny, [seq], rows, max_rows=1)
+    together = _run(tiny, [seq], rows)
+    alone = [_run(tiny, [seq], [r])[0] for r in rows]
+    again = _run(tiny, [seq], rows, max_rows=1)
     assert [r.token_ids for r in together] == [r.token_ids for r in alone] == [r.token_ids for r in again]
-    other_seed = run_jobs(tiny, [seq], [Row(0, len(seq), decode=10, temperature=1.0, seed=4, index=0)])
+    other_seed = _run(tiny, [seq], [Row(0, len(seq), decode=10, temperature=1.0, seed=4, index=0)])
     assert other_seed[0].token_ids != together[0].token_ids
 
 
 def test_bad_cuts_are_refused(tiny):
     seq = _seq(tiny)
     with pytest.raises(UserError, match="outside"):
-        run_rows(tiny, encode(tiny, [seq]), [Row(0, len(seq) + 1)])
-    with pytest.raises(UserError, match="transformers backend"):
-        Jobs(type("Remote", (), {"name": "remote", "fingerprint": lambda self: {}})())
+        tiny.run_rows(tiny.encode([seq]), [Row(0, len(seq) + 1)])
 
 
 # ------------------------------------------------------------------------------------------------ jobs
 def test_forced_candidate_probability_is_exact_whole_word(tiny):
     """P(" 14" as a whole number) = P(tokens) x P(next token does not start with a letter or digit)."""
-    jobs = Jobs(tiny)
-    seq = jobs.seq(CTX, tiny.tokenizer("First, 3 + 6 = 9.", add_special_tokens=False)["input_ids"])
+    jobs = tiny
+    seq = jobs.sequence(CTX, tiny.tokenizer("First, 3 + 6 = 9.", add_special_tokens=False)["input_ids"])
     prefix = jobs.tokens(" The answer is")
     cand = jobs.candidate("14", [" 14"])
     result = jobs.forced([ForcedJob(seq, len(seq.ids), prefix, (cand,), open_tokens=4)])[0]
@@ -129,7 +133,7 @@ def test_forced_candidate_probability_is_exact_whole_word(tiny):
     lp = plain_logprobs(tiny, ids)
     start = len(seq.ids) + len(prefix)
     logp = sum(float(lp[start - 1 + t, tok]) for t, tok in enumerate(cand.spellings[0]))
-    cont = _continues_word(tiny)
+    cont = tiny._continues_word()
     p_end = 1 - float(torch.exp(lp[-1][: cont.shape[0]][cont]).sum())
     assert result["p"]["14"] == pytest.approx(math.exp(logp) * p_end, rel=1e-4, abs=1e-12)
     greedy = _greedy(tiny, list(seq.ids) + list(prefix), 4)
@@ -139,16 +143,16 @@ def test_forced_candidate_probability_is_exact_whole_word(tiny):
 def test_jobs_go_through_the_store_and_resume(tiny, tmp_path: Path):
     with Store(tmp_path / "s.sqlite") as store:
         model = CachedModel(tiny, store)
-        jobs = Jobs(model, max_rows=3)
-        seq = jobs.seq(CTX, tiny.tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+        jobs = model
+        seq = jobs.sequence(CTX, tiny.tokenizer(REPLY, add_special_tokens=False)["input_ids"])
         cands = (jobs.candidate("14", [" 14"]), jobs.candidate("15", [" 15"]))
         forced = [ForcedJob(seq, seq.prompt_len + k, jobs.tokens(" The answer is"), cands) for k in (0, 4, 8)]
         conts = [ContinueJob(seq, seq.prompt_len + k, 6) for k in (0, 4, 8, 4)]  # the last is a twin
-        first_f, first_c = jobs.forced(forced), jobs.continued(conts)
-        assert (jobs.hits, jobs.misses) == (0, 6)
+        first_f, first_c = jobs.forced(forced, max_rows=3), jobs.continued(conts, max_rows=3)
+        assert (model.hits, model.misses) == (0, 6)
         assert first_c[1] == first_c[3]
-        again = Jobs(model, max_rows=1)
-        assert again.forced(forced) == first_f and again.continued(conts) == first_c
+        again = CachedModel(tiny, store)
+        assert again.forced(forced, max_rows=1) == first_f and again.continued(conts, max_rows=1) == first_c
         assert (again.hits, again.misses) == (6, 0)
         assert all(w == 1 for w in store.writes().values())
 
@@ -278,7 +282,7 @@ def test_cot_end_to_end_with_controls(bundled, tmp_path: Path):
         before = store.count()
     ms.run_spec(spec_path, out_root=tmp_path / "runs", model=bundled)
     again = json.loads((out / "summary.json").read_text())
-    assert again["cache"]["misses"] == 0 and again["run"]["misses"] == 0
+    assert again["run"]["misses"] == 0
     with Store(tmp_path / "runs" / "maskscope.sqlite") as store:
         assert store.count() == before
     assert again["tasks"][0]["conditions"] == task["conditions"]

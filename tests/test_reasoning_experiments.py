@@ -201,7 +201,7 @@ def test_capabilities_rerun_is_served_from_the_store(cap_run, tiny):
         before = store.count()
     run_spec(_write(root, summary["spec"]), out_root=root / "runs", model=tiny)
     again = json.loads((out / "summary.json").read_text())
-    assert again["cache"] == {"hits": summary["cache"]["hits"] + summary["cache"]["misses"], "misses": 0}
+    assert again["run"]["misses"] == 0 and again["run"]["hits"] == summary["run"]["hits"] + summary["run"]["misses"]
     assert again["tasks"] == summary["tasks"]
     with Store(root / "runs" / "maskscope.sqlite") as store:
         assert store.count() == before
@@ -233,7 +233,7 @@ def test_capabilities_refuses_a_backend_without_the_engine(tmp_path: Path):
     remote = type("Remote", (), {"name": "remote", "capabilities": (), "fingerprint": lambda self: {}})()
     from maskscope.experiments import EXPERIMENTS
 
-    with pytest.raises(UserError, match="transformers backend"):
+    with pytest.raises(UserError, match="needs .cuts."):
         run(EXPERIMENTS["capabilities"], spec, out_root=tmp_path, model=remote)
     with Store(tmp_path / "maskscope.sqlite") as store:
         assert store.run_record("cap")["status"] == "interrupted"
@@ -347,10 +347,12 @@ def test_prefill_marker_probabilities_equal_model_score(pre_run, tiny):
         per_problem = [{s.continuation: s.prob for s in tiny.score(ctx, MARKERS)} for ctx in contexts]
         for m in MARKERS:
             mean = sum(p[m] for p in per_problem) / len(per_problem)
-            assert exact["per_marker"][m]["mean"] == pytest.approx(mean, rel=1e-6, abs=1e-15)
+            # rel 1e-5: the run batches the contexts (sharing their common prefix), model.score takes
+            # one at a time; fp32 sums in another order differ by ~1e-6 in log-probability
+            assert exact["per_marker"][m]["mean"] == pytest.approx(mean, rel=1e-5, abs=1e-15)
         union = [p[" Wait"] + p[" Sorry"] + p["\n\nActually"] for p in per_problem]
         assert all(p[" Wait a"] < p[" Wait"] for p in per_problem)
-        assert exact["p_marker"]["mean"] == pytest.approx(sum(union) / len(union), rel=1e-6)
+        assert exact["p_marker"]["mean"] == pytest.approx(sum(union) / len(union), rel=1e-5)
         ends = []
         for ctx in contexts:
             last = plain_logprobs(tiny, tiny.encode_prompt(ctx))[-1]
@@ -369,7 +371,7 @@ def test_prefill_samples_are_seeded_and_resume(pre_run, tiny):
     spec = dict(summary["spec"])
     run_spec(_write(root, spec), out_root=root / "runs", model=tiny)
     again = json.loads((out / "summary.json").read_text())
-    assert again["cache"]["misses"] == 0 and again["run"]["misses"] == 0
+    assert again["run"]["misses"] == 0
     assert again["by_prefill"] == summary["by_prefill"]
     other = {**spec, "name": "pre-seed", "seed": 1, "prefills": spec["prefills"][1:2]}
     out2 = run_spec(_write(root, other), out_root=root / "runs", model=tiny)

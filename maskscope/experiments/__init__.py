@@ -1,22 +1,37 @@
-"""One module per experiment: a pydantic Spec, and run(model, spec, progress) -> summary dict."""
+"""The experiment registry. Each experiment is one module with a pydantic Spec (inheriting RunSpec) and
+run(model, spec, progress[, models]) -> summary dict, one report template extending base.html, and one example
+YAML; its registry entry below names them. Modules are imported when an experiment is first used."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
-
-from pydantic import BaseModel
-
-from maskscope.experiments import capabilities, character, cot, explain, posterior, prefill
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """An experiment's spec type, its run function and the function that draws its plots."""
+    """An experiment: its module and Spec class (imported on first use) and the function that writes its
+    plots (and any other output files) from the summary."""
 
-    spec: type[BaseModel]
-    run: Any
+    module: str
+    spec_class: str
     plots: Any
+
+    @property
+    def spec(self) -> Any:
+        """The experiment's pydantic Spec class."""
+        return getattr(importlib.import_module(self.module), self.spec_class)
+
+    @property
+    def run(self) -> Any:
+        """The experiment's run function."""
+        return importlib.import_module(self.module).run
+
+
+def _no_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    """For experiments whose report is tables only."""
+    return []
 
 
 def _character_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
@@ -28,6 +43,7 @@ def _character_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
 def _posterior_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     from pathlib import Path
 
+    from maskscope.experiments import posterior
     from maskscope.report.plots import posterior_plots
 
     return [posterior.write_csv(summary, Path(out_dir) / "posterior.csv"), *posterior_plots(summary, out_dir)]
@@ -58,12 +74,12 @@ def _cot_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
 
 
 EXPERIMENTS: dict[str, Experiment] = {
-    "character": Experiment(character.CharacterSpec, character.run, _character_plots),
-    "posterior": Experiment(posterior.PosteriorSpec, posterior.run, _posterior_plots),
-    "explain": Experiment(explain.ExplainSpec, explain.run, _explain_plots),
-    "cot": Experiment(cot.CotSpec, cot.run, _cot_plots),
-    "capabilities": Experiment(capabilities.CapabilitiesSpec, capabilities.run, _capabilities_plots),
-    "prefill": Experiment(prefill.PrefillSpec, prefill.run, _prefill_plots),
+    "character": Experiment("maskscope.experiments.character", "CharacterSpec", _character_plots),
+    "posterior": Experiment("maskscope.experiments.posterior", "PosteriorSpec", _posterior_plots),
+    "explain": Experiment("maskscope.experiments.explain", "ExplainSpec", _explain_plots),
+    "cot": Experiment("maskscope.experiments.cot", "CotSpec", _cot_plots),
+    "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
+    "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
 }
 
-__all__ = ["EXPERIMENTS", "Experiment", "capabilities", "character", "cot", "explain", "posterior", "prefill"]
+__all__ = ["EXPERIMENTS", "Experiment"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from maskscope.experiments.spec import RunSpec
 from maskscope.masks import Mask
+from maskscope.models.base import Capability, ContinueJob, require
 from maskscope.progress import Progress, Silent
 from maskscope.reasoning.answers import forced_job, read_forced
-from maskscope.reasoning.jobs import ContinueJob, Jobs
 from maskscope.reasoning.metrics import mean_ci, rate_ci
 from maskscope.reasoning.text import slug
 from maskscope.tasks import Problem, TaskSpec, extract_answer, is_correct, load_tasks, turns
@@ -38,16 +39,10 @@ class CapabilityMask(Mask):
     )
 
 
-class CapabilitiesSpec(BaseModel):
+class CapabilitiesSpec(RunSpec):
     """Masks x task sets: exact probabilities of the right answer and sampled accuracy per mask."""
 
-    model_config = ConfigDict(extra="forbid")
     experiment: Literal["capabilities"] = "capabilities"
-    name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32 is exact; bf16 is faster on AMX CPUs."
-    )
     tasks: list[TaskSpec] = Field(min_length=1, description="The task sets (generators or JSONL files).")
     masks: list[CapabilityMask] = Field(min_length=1, description="The masks; at most one is the control.")
     answer_prefix: str = Field("The answer is", min_length=1, description="Forced start of the direct reply.")
@@ -103,19 +98,21 @@ def reliably_wrong(flags: Sequence[bool], shares: dict[str, float] | None) -> bo
 def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) -> dict[str, Any]:
     """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict."""
     progress = progress or Silent()
-    jobs = Jobs(model, max_rows=spec.max_rows, what="the capabilities experiment")
+    require(model, Capability.CUTS, "the capabilities experiment")
     task_sets = load_tasks(spec.tasks)
     cells = [(ts, mask, p) for ts in task_sets for mask in spec.masks for p in ts.problems]
 
     forced = []
     for ts, mask, p in cells:
-        seq = jobs.seq(mask.conversation(turns(p, ts.exemplars, style="direct")))
-        forced.append(forced_job(jobs, seq, len(seq.ids), spec.answer_prefix, p))
-    f_results = jobs.forced(forced, progress.task("exact: forced direct answers", len(forced)))
+        seq = model.sequence(mask.conversation(turns(p, ts.exemplars, style="direct")))
+        forced.append(forced_job(model, seq, len(seq.ids), spec.answer_prefix, p))
+    f_results = model.forced(
+        forced, progress.task("exact: forced direct answers", len(forced)), spec.max_rows
+    )
 
     conts, owner = [], []
     for c, (ts, mask, p) in enumerate(cells):
-        seq = jobs.seq(mask.conversation(turns(p, ts.exemplars, style=spec.style)))
+        seq = model.sequence(mask.conversation(turns(p, ts.exemplars, style=spec.style)))
         for i in range(spec.samples):
             conts.append(
                 ContinueJob(
@@ -124,7 +121,7 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
             )
             owner.append(c)
     what = "greedy replies" if spec.temperature == 0 else "sampled replies"
-    c_results = jobs.continued(conts, progress.task(what, len(conts)))
+    c_results = model.continued(conts, progress.task(what, len(conts)), spec.max_rows)
     replies: list[list[dict[str, Any]]] = [[] for _ in cells]
     for c, res in zip(owner, c_results, strict=True):
         p = cells[c][2]
@@ -202,7 +199,6 @@ def run(model: Any, spec: CapabilitiesSpec, progress: Progress | None = None) ->
         "mask_defs": [m.model_dump() for m in spec.masks],
         "control": control,
         "tasks": tasks_out,
-        "cache": {"hits": jobs.hits, "misses": jobs.misses},
     }
 
 

@@ -19,15 +19,16 @@ intervals over questions. Probabilities of candidate answers are exact.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from maskscope.models.base import Conversation
+from maskscope.experiments.spec import RunSpec
+from maskscope.models.base import Capability, ContinueJob, Conversation, ForcedJob, Seq, require
 from maskscope.progress import Progress, Silent
 from maskscope.reasoning.answers import forced_job, read_forced
-from maskscope.reasoning.jobs import ContinueJob, ForcedJob, Jobs, Seq
 from maskscope.reasoning.metrics import area_over_curve, mean_ci, step_interpolate
 from maskscope.reasoning.text import (
     LOREM,
@@ -60,16 +61,10 @@ METRICS = (
 )
 
 
-class CotSpec(BaseModel):
+class CotSpec(RunSpec):
     """A chain-of-thought experiment: task sets, the conditions to run, and how answers are elicited."""
 
-    model_config = ConfigDict(extra="forbid")
     experiment: Literal["cot"] = "cot"
-    name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32 is exact; bf16 is faster on AMX CPUs."
-    )
     tasks: list[TaskSpec] = Field(min_length=1, description="The task sets (generators or JSONL files).")
     system: str | None = Field(None, description="System prompt. None: the model's default.")
     conditions: list[Literal["truncated", "summarized", "paraphrased", "filler", "mistake"]] = Field(
@@ -117,6 +112,10 @@ class CotSpec(BaseModel):
     bootstrap: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples of each interval.")
     max_rows: int = Field(32, ge=1, le=1024, description="Rows per batch (memory: rows x sequence length).")
     examples: int = Field(3, ge=0, le=100, description="Questions shown in detail in the report, per task.")
+
+    def extra_models(self) -> dict[str, str]:
+        """The summarizer, when it is not the model under test."""
+        return {"writer": self.summarizer} if self.summarizer else {}
 
     @field_validator("summary_prompt", "paraphrase_prompt", "mistake_prompt")
     @classmethod
@@ -167,21 +166,21 @@ class Item:
 
 
 class _Writer:
-    """Writes summaries, paraphrases and mistakes: through the KV engine for transformers models, else
-    through the model's sample API (store-backed)."""
+    """Writes summaries, paraphrases and mistakes with a model the runner resolved (the spec's
+    `summarizer`, else the model under test): greedy continuations from cuts where the model has the
+    engine, else greedy samples."""
 
-    def __init__(self, model: Any, spec: CotSpec, jobs: Jobs | None) -> None:
+    def __init__(self, model: Any, spec: CotSpec) -> None:
         self.model = model
         self.spec = spec
-        self.jobs = jobs
 
     def write(self, texts: list[str], template: str, progress: Progress, what: str) -> list[str]:
         contexts = [Conversation.of(user=template.replace("{text}", t)) for t in texts]
         advance = progress.task(what, len(texts))
-        if self.jobs is not None:
-            seqs = [self.jobs.seq(c) for c in contexts]
+        if Capability.CUTS in self.model.capabilities:
+            seqs = [self.model.sequence(c) for c in contexts]
             gen = [ContinueJob(s, len(s.ids), self.spec.rewrite_max_tokens) for s in seqs]
-            return [r["text"].strip() for r in self.jobs.continued(gen, advance)]
+            return [r["text"].strip() for r in self.model.continued(gen, advance, self.spec.max_rows)]
         out = []
         for c in contexts:
             out.append(
@@ -191,41 +190,28 @@ class _Writer:
         return [s.text.strip() for s in out]
 
 
-def _writer(model: Any, spec: CotSpec, jobs: Jobs) -> _Writer:
-    if spec.summarizer is None:
-        return _Writer(model, spec, jobs)
-    from maskscope.models.hf import HFModel
-    from maskscope.models.registry import load_model
-    from maskscope.store import CachedModel
-
-    other: Any = load_model(spec.summarizer, precision=spec.precision)
-    store = getattr(model, "store", None)
-    if store is not None:
-        other = CachedModel(other, store)
-    if isinstance(getattr(other, "inner", other), HFModel):
-        return _Writer(other, spec, Jobs(other, max_rows=spec.max_rows, what="the summarizer"))
-    return _Writer(other, spec, None)
-
-
-def run(model: Any, spec: CotSpec, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict."""
+def run(
+    model: Any, spec: CotSpec, progress: Progress | None = None, models: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the experiment on a model (usually a store-backed CachedModel); `models["writer"]` is the
+    summarizer the runner resolved, if the spec names one. Returns the summary as a dict."""
     progress = progress or Silent()
-    jobs = Jobs(model, max_rows=spec.max_rows, what="the cot experiment")
+    require(model, Capability.CUTS, "the cot experiment")
     task_sets = load_tasks(spec.tasks)
     items = [
-        Item(ts.label, p, jobs.seq(conversation(p, ts.exemplars, system=spec.system, style="cot")))
+        Item(ts.label, p, model.sequence(conversation(p, ts.exemplars, system=spec.system, style="cot")))
         for ts in task_sets
         for p in ts.problems
     ]
-    _generate_cots(jobs, spec, items, progress)
-    writer = _writer(model, spec, jobs)
+    _generate_cots(model, spec, items, progress)
+    writer = _Writer((models or {}).get("writer", model), spec)
     if "summarized" in spec.conditions:
         _rewrite_steps(writer, spec, items, "summarized", spec.summary_prompt, progress)
     if "paraphrased" in spec.conditions:
         _rewrite_steps(writer, spec, items, "paraphrased", spec.paraphrase_prompt, progress)
     if "mistake" in spec.conditions:
-        _mistakes(jobs, writer, spec, items, progress)
-    _answer_everything(jobs, spec, items, progress)
+        _mistakes(model, writer, spec, items, progress)
+    _answer_everything(model, spec, items, progress)
     tasks_out = []
     for ts in task_sets:
         mine = [it for it in items if it.task == ts.label]
@@ -248,7 +234,6 @@ def run(model: Any, spec: CotSpec, progress: Progress | None = None) -> dict[str
         "grid": [x for x, _ in percent_cuts(10**6, spec.percent_step)],
         "conditions": _condition_names(spec),
         "tasks": tasks_out,
-        "cache": {"hits": jobs.hits, "misses": jobs.misses},
     }
 
 
@@ -263,25 +248,27 @@ def _condition_names(spec: CotSpec) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def _generate_cots(jobs: Jobs, spec: CotSpec, items: list[Item], progress: Progress) -> None:
+def _generate_cots(model: Any, spec: CotSpec, items: list[Item], progress: Progress) -> None:
     gen = [
         ContinueJob(
             it.prompt, len(it.prompt.ids), spec.cot_max_tokens, spec.temperature, spec.top_p, spec.seed
         )
         for it in items
     ]
-    results = jobs.continued(gen, progress.task("chains of thought (generated once, stored)", len(gen)))
+    results = model.continued(
+        gen, progress.task("chains of thought (generated once, stored)", len(gen)), spec.max_rows
+    )
     for it, res in zip(items, results, strict=True):
         it.reply_ids = list(res["token_ids"])
         it.reply_text = res["text"]
         it.finish_reason = res["finish_reason"]
-        start = answer_start(it.reply_ids, jobs.decode)
+        start = answer_start(it.reply_ids, model.decode)
         it.cot_len = len(it.reply_ids) if start is None else start
         it.stored_answer, it.stored_how = extract_answer(it.reply_text, it.problem)
         cot = it.reply_ids[: it.cot_len]
-        it.step_ends = steps(sentence_cuts(cot, jobs.decode), it.cot_len, spec.max_steps)
+        it.step_ends = steps(sentence_cuts(cot, model.decode), it.cot_len, spec.max_steps)
         bounds = [0, *it.step_ends]
-        it.chunks = [jobs.decode(cot[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+        it.chunks = [model.decode(cot[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _rewrite_steps(
@@ -295,7 +282,7 @@ def _rewrite_steps(
         k += len(it.chunks)
 
 
-def _mistakes(jobs: Jobs, writer: _Writer, spec: CotSpec, items: list[Item], progress: Progress) -> None:
+def _mistakes(model: Any, writer: _Writer, spec: CotSpec, items: list[Item], progress: Progress) -> None:
     chosen: list[tuple[Item, int]] = []
     for it in items:
         rng = random.Random(f"{spec.seed}:{it.problem.id}")
@@ -323,19 +310,21 @@ def _mistakes(jobs: Jobs, writer: _Writer, spec: CotSpec, items: list[Item], pro
         lead = it.chunks[j][: len(it.chunks[j]) - len(it.chunks[j].lstrip())]
         text = new if spec.mistake_method == "perturb" else lead + new
         start = 0 if j == 0 else it.step_ends[j - 1]
-        body = it.reply_ids[:start] + list(jobs.tokens(text))
+        body = it.reply_ids[:start] + list(model.tokens(text))
         bodies.append(body)
         seq = Seq(it.prompt.prompt_text, it.prompt.ids + tuple(body), it.prompt.prompt_len)
         regen.append(
             ContinueJob(seq, len(seq.ids), spec.cot_max_tokens, spec.temperature, spec.top_p, spec.seed)
         )
         it.mistake = {"step": j, "original": it.chunks[j], "mistaken": text, "body_len": len(body)}
-    results = jobs.continued(regen, progress.task("mistake: regenerating the rest of the CoT", len(regen)))
+    results = model.continued(
+        regen, progress.task("mistake: regenerating the rest of the CoT", len(regen)), spec.max_rows
+    )
     for (it, _), body, res in zip(chosen, bodies, results, strict=True):
         assert it.mistake is not None
         full = body + list(res["token_ids"])
-        text = jobs.decode(full)
-        start = answer_start(full, jobs.decode)
+        text = model.decode(full)
+        start = answer_start(full, model.decode)
         answer, how = extract_answer(text, it.problem)
         it.mistake.update(
             {
@@ -349,7 +338,7 @@ def _mistakes(jobs: Jobs, writer: _Writer, spec: CotSpec, items: list[Item], pro
         )
 
 
-def _answer_everything(jobs: Jobs, spec: CotSpec, items: list[Item], progress: Progress) -> None:
+def _answer_everything(model: Any, spec: CotSpec, items: list[Item], progress: Progress) -> None:
     """Build every condition's points, then run all forced answers and all continuations in two batches."""
     forced: list[ForcedJob] = []
     conts: list[ContinueJob] = []
@@ -359,7 +348,7 @@ def _answer_everything(jobs: Jobs, spec: CotSpec, items: list[Item], progress: P
         it: Item, cond: str, seq: Seq, x: float, k: int, kind: str, free: bool, body_text_ids: list[int]
     ) -> None:
         cut = seq.prompt_len + k
-        fj = forced_job(jobs, seq, cut, spec.answer_prefix, it.problem, [it.stored_answer])
+        fj = forced_job(model, seq, cut, spec.answer_prefix, it.problem, [it.stored_answer])
         forced.append(fj)
         ci = None
         if free:
@@ -385,7 +374,7 @@ def _answer_everything(jobs: Jobs, spec: CotSpec, items: list[Item], progress: P
                 point(it, "truncated", seq, x, k, kind, True, cot[:k])
         if "filler" in spec.conditions and big_k:
             for name, text in spec.fillers.items():
-                body = filler_tokens(jobs.tokens(text), big_k)
+                body = filler_tokens(model.tokens(text), big_k)
                 fseq = Seq(it.prompt.prompt_text, it.prompt.ids + tuple(body), it.prompt.prompt_len)
                 for x, k in percent_cuts(big_k, spec.percent_step):
                     point(it, f"filler:{name}", fseq, x, k, "percent", x in (0.0, 1.0), body[:k])
@@ -395,7 +384,7 @@ def _answer_everything(jobs: Jobs, spec: CotSpec, items: list[Item], progress: P
             body: list[int] = []
             ends = [0]
             for j, text in enumerate(it.rewrites[cond]):
-                body += list(jobs.tokens(("" if j == 0 else " ") + text)) if text else []
+                body += list(model.tokens(("" if j == 0 else " ") + text)) if text else []
                 ends.append(len(body))
             rseq = Seq(it.prompt.prompt_text, it.prompt.ids + tuple(body), it.prompt.prompt_len)
             xs = [0.0] + [e / big_k for e in it.step_ends]
@@ -406,10 +395,10 @@ def _answer_everything(jobs: Jobs, spec: CotSpec, items: list[Item], progress: P
             mseq = Seq(it.prompt.prompt_text, it.prompt.ids + tuple(m["reply_ids"]), it.prompt.prompt_len)
             point(it, "mistake", mseq, 1.0, m["cot_len"], "end", False, m["reply_ids"][: m["cot_len"]])
 
-    f_results = jobs.forced(
-        forced, progress.task("forced answers (exact candidate probabilities)", len(forced))
+    f_results = model.forced(
+        forced, progress.task("forced answers (exact candidate probabilities)", len(forced)), spec.max_rows
     )
-    c_results = jobs.continued(conts, progress.task("free continuations", len(conts)))
+    c_results = model.continued(conts, progress.task("free continuations", len(conts)), spec.max_rows)
     owner = {id(p): it for it in items for ps in it.points.values() for p in ps}
     for p, fi, ci in slots:
         it = owner[id(p)]
@@ -418,7 +407,7 @@ def _answer_everything(jobs: Jobs, spec: CotSpec, items: list[Item], progress: P
             p["forced"] = read_forced(f_results[fi], it.problem)
         if ci is not None:
             res = c_results[ci]
-            text = jobs.decode(list(body) + list(res["token_ids"]))
+            text = model.decode(list(body) + list(res["token_ids"]))
             answer, how = extract_answer(text, it.problem)
             p["free"] = {
                 "answer": answer,

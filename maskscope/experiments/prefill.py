@@ -22,10 +22,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from maskscope.experiments.character import union_probability
+from maskscope.experiments.spec import RunSpec
 from maskscope.masks import Mask
-from maskscope.models.base import Scored
+from maskscope.models.base import Capability, ContinueJob, Scored, require
 from maskscope.progress import Progress, Silent
-from maskscope.reasoning.jobs import ContinueJob, Jobs
 from maskscope.reasoning.metrics import mean_ci, rate_ci
 from maskscope.tasks import Problem, TaskSpec, load_tasks, turns, wrong_answer
 
@@ -68,16 +68,10 @@ class Prefill(BaseModel):
         return v
 
 
-class PrefillSpec(BaseModel):
+class PrefillSpec(RunSpec):
     """Forced beginnings x task problems: exact probabilities of given continuations, sampled categories."""
 
-    model_config = ConfigDict(extra="forbid")
     experiment: Literal["prefill"] = "prefill"
-    name: str = Field(description="Run name: results go to runs/<name>/.")
-    model: str = Field("default", description='"default" (bundled), "hf:DIR" or "gguf:FILE".')
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="fp32 is exact; bf16 is faster on AMX CPUs."
-    )
     tasks: list[TaskSpec] = Field(min_length=1, description="The task sets (generators or JSONL files).")
     mask: Mask = Field(
         default_factory=lambda: Mask(name="plain-assistant"), description="Who answers (default: no mask)."
@@ -157,7 +151,7 @@ def categorize(text: str, problem: Problem, pattern: re.Pattern[str]) -> str:
 def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict[str, Any]:
     """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict."""
     progress = progress or Silent()
-    jobs = Jobs(model, max_rows=spec.max_rows, what="the prefill experiment")
+    require(model, Capability.CUTS, "the prefill experiment")
     pattern = re.compile(spec.marker_pattern, re.IGNORECASE)
     problems = [(ts, p) for ts in load_tasks(spec.tasks) for p in ts.problems]
     wrongs = [wrong_answer(p, random.Random(f"{spec.seed}:{p.id}")) for _, p in problems]
@@ -169,7 +163,7 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
             spec.mask.conversation(turns(p, ts.exemplars, style=spec.style), fill(q.text, p, wrongs[k]))
         )
 
-    ends = end_tokens(jobs)
+    ends = model.end_tokens()
     asked = [*spec.markers, *ends]
     advance = progress.task("exact: continuation probabilities", len(cells))
     scores: list[list[Scored | None]] = [[None] * len(asked) for _ in cells]
@@ -179,14 +173,14 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
             advance(1)
     p_end = [sum(s.prob for s in row[len(spec.markers) :] if s is not None) for row in scores]
 
-    seqs = [jobs.seq(ctx) for ctx in contexts]
+    seqs = [model.sequence(ctx) for ctx in contexts]
     conts = [
         ContinueJob(seq, len(seq.ids), spec.max_new_tokens, spec.temperature, spec.top_p, spec.seed, i)
         for seq in seqs
         for i in range(spec.samples)
     ]
     what = "sampled continuations" if spec.temperature > 0 else "greedy continuations"
-    results = jobs.continued(conts, progress.task(what, len(conts)))
+    results = model.continued(conts, progress.task(what, len(conts)), spec.max_rows)
 
     ci = {"seed": spec.seed, "resamples": spec.bootstrap}
     by_prefill: dict[str, Any] = {}
@@ -236,18 +230,7 @@ def run(model: Any, spec: PrefillSpec, progress: Progress | None = None) -> dict
         "categories": list(CATEGORIES),
         "n_problems": len(problems),
         "by_prefill": by_prefill,
-        "cache": {"hits": jobs.hits, "misses": jobs.misses},
     }
-
-
-def end_tokens(jobs: Jobs) -> list[str]:
-    """The end-of-sequence tokens as text that the tokenizer reads back as exactly that token."""
-    out = []
-    for i in sorted(jobs.hf.eos_ids):
-        text = jobs.hf.tokenizer.convert_ids_to_tokens(i)
-        if isinstance(text, str) and jobs.tokens(text) == (i,):
-            out.append(text)
-    return out
 
 
 DEFINITIONS = {

@@ -46,6 +46,11 @@ class RunSpec(BaseModel):
     def _safe_name(cls, name: str) -> str:
         return check_run_name(name)
 
+    def extra_models(self) -> dict[str, str]:
+        """Models the experiment uses besides `model`, by role (e.g. {"writer": "hf:DIR"}); the runner loads
+        each, wraps it in the store and hands them to the experiment's run(..., models=...)."""
+        return {}
+
     @model_validator(mode="after")
     def _server_for_servers(self) -> RunSpec:
         if self.server is not None and not self.model.startswith("openai:"):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from maskscope.errors import UserError
@@ -173,10 +174,18 @@ class SampleParams:
         return d
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample `index` of a run seeded with `seed`: a hash, so samples never share a stream and
-    sample i is the same whichever batch or request draws it."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
+def stream_key(*parts: object) -> str:
+    """The random-stream key of a context: a hash of what the model is conditioned on (the rendered prompt,
+    and for a cut of a stored sequence its body tokens). Samples of different contexts never share a stream."""
+    return hashlib.sha256("\x00".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+def sample_seed(seed: int, stream: str, index: int) -> int:
+    """The seed of sample `index` of a context with stream key `stream`, in a run seeded with `seed`: a hash,
+    so sample i depends on (seed, context, i) and on nothing else (not on the batch or request that draws
+    it), and two contexts never share a stream."""
+    text = f"{seed}:{stream}:{index}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -198,9 +207,93 @@ class Sample:
         return cls(int(d["index"]), d["text"], list(d["token_ids"]), d["finish_reason"])
 
 
+@dataclass(frozen=True)
+class Seq:
+    """A rendered prompt's tokens followed by body tokens (e.g. a chain of thought); `prompt_len` tokens
+    belong to the prompt."""
+
+    prompt_text: str
+    ids: tuple[int, ...]
+    prompt_len: int
+
+    def body(self, cut: int) -> list[int]:
+        """The body tokens before an absolute cut."""
+        return list(self.ids[self.prompt_len : cut])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate answer and the token-id spellings that count as it (e.g. " True" and " true")."""
+
+    name: str
+    spellings: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class ForcedJob:
+    """The answer after `seq[:cut] + answer_prefix`: the exact probability of each candidate (as a whole
+    word), and, when `open_tokens` > 0, the greedy continuation of up to that many tokens."""
+
+    seq: Seq
+    cut: int
+    answer_prefix: tuple[int, ...]
+    candidates: tuple[Candidate, ...]
+    open_tokens: int = 0
+    open_until: str = "number"
+
+    def args(self) -> dict[str, Any]:
+        """The job's arguments, as they enter its cache key (with the rendered prompt)."""
+        return {
+            "body": self.seq.body(self.cut),
+            "answer_prefix": list(self.answer_prefix),
+            "candidates": [[c.name, [list(s) for s in c.spellings]] for c in self.candidates],
+            "open_tokens": self.open_tokens,
+            "open_until": self.open_until,
+            "definition": "whole-word",
+        }
+
+
+@dataclass(frozen=True)
+class ContinueJob:
+    """A free continuation of `seq[:cut]`: up to `max_new_tokens`, greedy at temperature 0, else sampled with
+    the generator of (seed, this cut's stream, index)."""
+
+    seq: Seq
+    cut: int
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    index: int = 0
+    stop: tuple[str, ...] = ()
+
+    def args(self) -> dict[str, Any]:
+        """The job's arguments, as they enter its cache key (with the rendered prompt)."""
+        params = SampleParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop)
+        return {"body": self.seq.body(self.cut), **params.to_json(), "index": self.index}
+
+    def stream(self) -> str:
+        """The random-stream key: the rendered prompt and the body up to the cut."""
+        return stream_key(self.seq.prompt_text, self.seq.body(self.cut))
+
+
+class Capability(StrEnum):
+    """What a backend can do; each capability is a protocol below. Compares equal to its string."""
+
+    SCORE = "score"
+    NEXT_TOKEN = "next_token_distribution"
+    SAMPLE = "sample"
+    TOKEN_LOGPROBS = "token_logprobs"
+    SUPPORT_LOGPROBS = "support_logprobs"
+    CUTS = "cuts"  # forced answers and continuations from cuts of a stored sequence (KV reuse)
+    ACTIVATIONS = "activations"
+    STEERING = "steering"
+    ADAPTERS = "adapters"
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
-    """What every backend offers. `capabilities` names the primitives it supports."""
+    """What every model has: a name, its capabilities, an identity for cache keys, and prompt rendering."""
 
     name: str
     capabilities: frozenset[str]
@@ -213,6 +306,38 @@ class LanguageModel(Protocol):
         """The exact prompt text the model sees for a context (chat template applied, prefill appended)."""
         ...
 
+
+@runtime_checkable
+class Tokenizing(Protocol):
+    """The text side of a model whose tokenizer is here: token ids of prompts and texts, and back."""
+
+    tokenizer: Any
+
+    def encode_prompt(self, context: Context) -> list[int]:
+        """Token ids of the rendered prompt."""
+        ...
+
+    def tokens(self, text: str) -> tuple[int, ...]:
+        """Token ids of a text on its own (no special tokens added)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens dropped)."""
+        ...
+
+    def sequence(self, context: Context, body: Sequence[int] = ()) -> Seq:
+        """A context's rendered prompt followed by body tokens."""
+        ...
+
+    def candidate(self, name: str, spellings: Sequence[str]) -> Candidate:
+        """A candidate answer and its spellings as token ids."""
+        ...
+
+
+@runtime_checkable
+class Scoring(Protocol):
+    """Exact teacher-forced log-probabilities of text continuations."""
+
     def score_many(
         self, requests: Sequence[tuple[Context, Sequence[str]]]
     ) -> Iterator[tuple[int, int, Scored]]:
@@ -220,25 +345,116 @@ class LanguageModel(Protocol):
         each result exists, in any order."""
         ...
 
+
+@runtime_checkable
+class NextToken(Protocol):
+    """The (top of the) next-token distribution after a context."""
+
     def next_token_distributions(
         self, contexts: Sequence[Context], top_k: int
     ) -> Iterator[tuple[int, TokenDist]]:
         """Yield (context index, top-k next-token distribution) as each exists, in any order."""
         ...
 
+
+@runtime_checkable
+class Sampling(Protocol):
+    """Seeded samples: sample i depends only on (context, params, i)."""
+
     def sample_indices(
         self, context: Context, indices: Sequence[int], params: SampleParams
     ) -> Iterator[Sample]:
-        """Yield the samples with these indices; sample i depends only on (context, params, i)."""
+        """Yield the samples with these indices."""
         ...
 
 
-def require(model: LanguageModel, capability: str, what: str) -> None:
-    """Refuse up front, in one line, when a model lacks a capability an experiment needs."""
-    if capability not in model.capabilities:
-        why = getattr(model, "missing_capabilities", dict)().get(capability)
+@runtime_checkable
+class TokenLogprobs(Protocol):
+    """Exact log-probabilities of given token ids after a context."""
+
+    def token_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, list[float]]]:
+        """Yield (item index, the log-probability of each token) as each exists."""
+        ...
+
+
+@runtime_checkable
+class SupportLogprobs(Protocol):
+    """Next-token log-probabilities on a support, plus the remainder, at each position of given tokens."""
+
+    def support_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int], int | Sequence[Sequence[int]]]]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield (item index, {"support", "logprobs"}) as each exists."""
+        ...
+
+
+@runtime_checkable
+class Cuts(Protocol):
+    """Forced answers and free continuations from cuts of a stored sequence (the KV cache reused)."""
+
+    def forced_answers(
+        self, jobs: Sequence[ForcedJob], *, max_rows: int = 32
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield (job index, result) as each exists."""
+        ...
+
+    def continuations(
+        self, jobs: Sequence[ContinueJob], *, max_rows: int = 32
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield (job index, result) as each exists."""
+        ...
+
+
+@runtime_checkable
+class Activations(Protocol):
+    """The residual stream at chosen layers (0 = embedding output) and positions ("last", "reply_mean",
+    "all")."""
+
+    def activations(self, items: Sequence[Any], layers: Sequence[int], positions: str = "last") -> list[Any]:
+        """Activations of each item (a context, or a context and reply token ids)."""
+        ...
+
+
+@runtime_checkable
+class Steering(Protocol):
+    """Additive interventions on the residual stream, in a context manager (the model never mutated)."""
+
+    def steer(self, vector: Any, layers: Sequence[int], alpha: float = 1.0, positions: str = "reply") -> Any:
+        """A context manager under which every call is steered."""
+        ...
+
+
+@runtime_checkable
+class Adapters(Protocol):
+    """Fine-tuned adapters on a parent model (a slot: children load as models of their own)."""
+
+    adapter: str | None
+
+
+PROTOCOLS: dict[Capability, type] = {
+    Capability.SCORE: Scoring,
+    Capability.NEXT_TOKEN: NextToken,
+    Capability.SAMPLE: Sampling,
+    Capability.TOKEN_LOGPROBS: TokenLogprobs,
+    Capability.SUPPORT_LOGPROBS: SupportLogprobs,
+    Capability.CUTS: Cuts,
+    Capability.ACTIVATIONS: Activations,
+    Capability.STEERING: Steering,
+    Capability.ADAPTERS: Adapters,
+}
+
+
+def require(model: LanguageModel, capability: Capability | str, what: str) -> None:
+    """Refuse up front, in one line, when a model lacks a capability an experiment needs (it does not
+    advertise it, or does not implement its protocol)."""
+    cap = Capability(capability)
+    if cap not in model.capabilities or not isinstance(model, PROTOCOLS[cap]):
+        missing = getattr(model, "missing_capabilities", None)
+        why = missing().get(cap.value) if callable(missing) else None
         reason = f" ({why})" if why else ""
-        raise UserError(f"{what} needs '{capability}', which model {model.name} does not offer{reason}")
+        raise UserError(f"{what} needs '{cap.value}', which model {model.name} does not offer{reason}")
 
 
 class ModelAPI:
@@ -270,3 +486,27 @@ class ModelAPI:
         """n sampled replies, batched; sample i is reproducible from (context, parameters, seed, i)."""
         params = SampleParams(max_new_tokens, temperature, top_p, seed, tuple(stop))
         return sorted(self.sample_indices(context, range(n), params), key=lambda s: s.index)
+
+    def forced(
+        self: Any, jobs: Sequence[ForcedJob], advance: Callable[[int], None] | None = None, max_rows: int = 32
+    ) -> list[dict[str, Any]]:
+        """Every forced-answer job's result, in order; `advance(n)` is told as results arrive."""
+        return _in_order(self.forced_answers(jobs, max_rows=max_rows), len(jobs), advance)
+
+    def continued(
+        self: Any,
+        jobs: Sequence[ContinueJob],
+        advance: Callable[[int], None] | None = None,
+        max_rows: int = 32,
+    ) -> list[dict[str, Any]]:
+        """Every continuation job's result, in order; `advance(n)` is told as results arrive."""
+        return _in_order(self.continuations(jobs, max_rows=max_rows), len(jobs), advance)
+
+
+def _in_order(results: Iterator[tuple[int, Any]], n: int, advance: Callable[[int], None] | None) -> list[Any]:
+    out: list[Any] = [None] * n
+    for k, result in results:
+        out[k] = result
+        if advance:
+            advance(1)
+    return out

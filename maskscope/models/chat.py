@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from maskscope.errors import UserError
-from maskscope.models.base import Context, Conversation
+from maskscope.models.base import Candidate, Context, Conversation, Seq
 
 
 class ChatTokenizer:
@@ -83,6 +83,28 @@ class ChatTokenizer:
                 self._check_length(len(prompts[p]) + len(cont_ids))
                 items.append((r, j, p, cont, cont_ids))
         return prompts, items
+
+    def tokens(self, text: str) -> tuple[int, ...]:
+        """Token ids of a text on its own (no special tokens added)."""
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens dropped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def sequence(self, context: Context, body: Sequence[int] = ()) -> Seq:
+        """A context's rendered prompt followed by body tokens (a stored sequence to cut)."""
+        prompt = self.encode_prompt(context)
+        return Seq(self.render(context), tuple(prompt) + tuple(body), len(prompt))
+
+    def candidate(self, name: str, spellings: Sequence[str]) -> Candidate:
+        """A candidate answer with its spellings tokenized on their own, duplicates removed."""
+        seen: list[tuple[int, ...]] = []
+        for s in spellings:
+            ids = self.tokens(s)
+            if ids and ids not in seen:
+                seen.append(ids)
+        return Candidate(name, tuple(seen))
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (a leading space shown as a space, not as the tokenizer's marker)."""

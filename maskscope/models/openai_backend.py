@@ -56,6 +56,7 @@ from maskscope.models.base import (
     Scored,
     TokenDist,
     sample_seed,
+    stream_key,
 )
 from maskscope.models.chat import ChatTokenizer
 
@@ -257,6 +258,7 @@ class OpenAIModel(ModelAPI):
         """What this backend cannot do here, and why (shown in `maskscope models` and refusals)."""
         missing = {
             "support_logprobs": "servers return only the top log-probabilities, not full distributions",
+            "cuts": "forced answers and continuations from cuts of a sequence need the transformers engine",
             "activations": "servers do not expose activations",
             "steering": "servers do not expose activations",
         }
@@ -356,7 +358,7 @@ class OpenAIModel(ModelAPI):
     def sample_indices(
         self, context: Context, indices: Sequence[int], params: SampleParams
     ) -> Iterator[Sample]:
-        """Samples with the given indices. Sample i is drawn with the seed sample_seed(seed, i) (with
+        """Samples with the given indices. Sample i is drawn with the seed sample_seed(seed, context, i) (with
         `n_per_request` = n > 1: request i // n draws samples i // n * n ... with one seed), so a resumed run
         draws only what it misses. A server's "stop" finish is reported as "eos" when no stop strings were
         given, else as "stop" (the API does not say which of the two ended the reply)."""
@@ -365,6 +367,7 @@ class OpenAIModel(ModelAPI):
         groups = sorted({i // n for i in wanted})
         prompt = self._completion_prompt(context)
         messages = None if prompt is not None else self._messages(context)
+        stream = stream_key(self.render(context))
 
         def one(g: int) -> list[Sample]:
             common: dict[str, Any] = {
@@ -372,7 +375,7 @@ class OpenAIModel(ModelAPI):
                 "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature,
                 "top_p": params.top_p,
-                "seed": sample_seed(params.seed, g) % 2**31,
+                "seed": sample_seed(params.seed, stream, g) % 2**31,
                 "stop": list(params.stop) or None,
                 "n": n,
                 "extra_body": NEUTRAL_SAMPLING,

@@ -1,5 +1,7 @@
 """Mutual-value planning: the value of X is the value of the Y it brings, and the value of Y is the value of
-the X it brings. Games, the fixed-point solver, the boring baselines and the comparison between them."""
+the X it brings. Games, the fixed-point solver under three readings of that definition (intrinsic plus
+instrumental value, the default; the exchange rate; the literal one), the tie-rule sweep and fixed-point
+search, the boring baselines and the comparison between them."""
 
 from __future__ import annotations
 
@@ -16,55 +18,105 @@ from maskscope.mutual_value.baselines import (
     solve_baselines,
 )
 from maskscope.mutual_value.model import Game, load_game, parse_game
-from maskscope.mutual_value.solver import MutualValueResult, RoundTrip, Status, round_trip, solve
-from maskscope.mutual_value.space import StateSpace, build_space
+from maskscope.mutual_value.solver import (
+    SETTLED,
+    Definition,
+    MutualValueResult,
+    PerUnit,
+    RoundTrip,
+    Status,
+    round_trip,
+    solve,
+)
+from maskscope.mutual_value.space import TIE_RULES, StateSpace, build_space
+from maskscope.mutual_value.sweep import (
+    STARTS,
+    FixedPoint,
+    FixedPointSearch,
+    TieSpread,
+    fixed_points,
+    sweep_rules,
+    tie_spread,
+)
 
 
 @dataclass
 class Analysis:
-    """A game solved by the mutual-value planner and the three baselines, with the comparisons."""
+    """A game solved by the mutual-value planner and the three baselines, with the comparisons, the
+    planner under every tie rule of the sweep, and every fixed point found."""
 
     game: Game
     space: StateSpace
     result: MutualValueResult
     baselines: list[BaselineResult]
     comparisons: list[Comparison]
+    ties: TieSpread
+    fixed_points: FixedPointSearch
 
 
 def analyse(
     game: Game | Path | str,
     gamma: float | None = None,
+    definition: Definition | str = Definition.INTRINSIC,
+    intrinsic: tuple[float, float] = (1.0, 1.0),
+    per_unit: PerUnit | str = PerUnit.MARGINAL,
+    ties: str = "even",
+    random_orders: int = 3,
     damping: float = 0.5,
     max_iterations: int = 200,
 ) -> Analysis:
-    """Solve a game (or a game file) with the planner and the baselines, and compare their choices."""
+    """Solve a game (or a game file) with the planner under tie rule ``ties`` and with the baselines,
+    compare their choices, and measure how the answer depends on the tie rule (even, first, last and
+    ``random_orders`` seeded random orders) and on the starting point (every fixed point found)."""
     g = game if isinstance(game, Game) else load_game(game)
     if gamma is not None:
         g = g.with_gamma(gamma)
     space = build_space(g)
-    result = solve(space, damping=damping, max_iterations=max_iterations)
+    settings = {
+        "definition": definition,
+        "intrinsic": intrinsic,
+        "per_unit": per_unit,
+        "damping": damping,
+        "max_iterations": max_iterations,
+    }
+    result = solve(space, ties=ties, **settings)  # type: ignore[arg-type]
+    rules = list(dict.fromkeys([*sweep_rules(random_orders), result.ties]))
+    spread = tie_spread(space, rules, done={result.ties: result}, **settings)
+    done = {(rule, STARTS[0], True): r for rule, r in spread.results.items()}
+    search = fixed_points(space, rules, done=done, **settings)
     bases = solve_baselines(space)
-    return Analysis(g, space, result, bases, [compare(result, b) for b in bases])
+    return Analysis(g, space, result, bases, [compare(result, b) for b in bases], spread, search)
 
 
 __all__ = [
     "BASELINES",
+    "SETTLED",
+    "STARTS",
+    "TIE_RULES",
     "Analysis",
     "BaselineResult",
     "Comparison",
+    "Definition",
     "Difference",
+    "FixedPoint",
+    "FixedPointSearch",
     "Game",
     "MutualValueResult",
+    "PerUnit",
     "RoundTrip",
     "StateSpace",
     "Status",
+    "TieSpread",
     "analyse",
     "build_space",
     "compare",
+    "fixed_points",
     "load_game",
     "parse_game",
     "round_trip",
     "solve",
     "solve_baseline",
     "solve_baselines",
+    "sweep_rules",
+    "tie_spread",
 ]

@@ -112,6 +112,8 @@ def _reason(
         f"max {base.name} takes {_fmt_names(other)} ({metric} {base.q[b_c]:.3g} vs {base.q[p_c]:.3g} "
         f"for {p_name!r})"
     )
+    if not (np.isfinite(result.q[p_c]) and np.isfinite(result.q[b_c])):
+        return f"the planner's values do not exist ({result.status.value}: no finite values); " + base_part
     if len(planner) == len(cs):
         return (
             "the planner is indifferent (every action leads to holdings worth "

@@ -15,15 +15,42 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from maskscope.errors import UserError
 
 Resource = Literal["x", "y"]
 RESOURCES: tuple[Resource, Resource] = ("x", "y")
+
+
+def _a_number(v: Any) -> Any:
+    """Numbers only: YAML's yes/no (booleans) and quoted strings are not amounts."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"must be a number, not {type(v).__name__}")
+    if isinstance(v, int) and abs(v) > 1e300:
+        raise ValueError("must be a finite number of reasonable size")
+    return v
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+Number = Annotated[float, BeforeValidator(_a_number), AfterValidator(_finite)]
 
 
 class _Strict(BaseModel):
@@ -33,8 +60,8 @@ class _Strict(BaseModel):
 class PartialAmounts(_Strict):
     """Amounts of X and/or Y; a missing resource is left alone."""
 
-    x: float | None = None
-    y: float | None = None
+    x: Number | None = None
+    y: Number | None = None
 
     @model_validator(mode="after")
     def _finite(self) -> PartialAmounts:
@@ -48,8 +75,8 @@ class PartialAmounts(_Strict):
 class Amounts(_Strict):
     """Amounts of X and Y (both default to 0)."""
 
-    x: float = 0.0
-    y: float = 0.0
+    x: Number = 0.0
+    y: Number = 0.0
 
     @model_validator(mode="after")
     def _finite(self) -> Amounts:
@@ -63,8 +90,8 @@ class Convert(_Strict):
 
     source: Resource = Field(alias="from")
     to: Resource
-    rate: float
-    max: float | None = Field(default=None, gt=0)
+    rate: Number
+    max: Number | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> Convert:
@@ -80,7 +107,7 @@ class Produce(_Strict):
 
     source: Resource = Field(alias="from")
     to: Resource
-    rate: float
+    rate: Number
 
     @field_validator("rate")
     @classmethod
@@ -120,7 +147,7 @@ class ActionSpec(EffectSpec):
 class OutcomeSpec(EffectSpec):
     """One outcome of a chance node, with its probability."""
 
-    p: float = Field(gt=0, le=1)
+    p: Number = Field(gt=0, le=1)
     label: str | None = None
 
 
@@ -159,15 +186,15 @@ class StartSpec(_Strict):
     """Where play starts and with what amounts."""
 
     node: str
-    x: float = 0.0
-    y: float = 0.0
+    x: Number = 0.0
+    y: Number = 0.0
 
 
 class BoundsSpec(_Strict):
     """Optional clamps [low, high] on each resource, applied after every effect."""
 
-    x: tuple[float, float] | None = None
-    y: tuple[float, float] | None = None
+    x: tuple[Number, Number] | None = None
+    y: tuple[Number, Number] | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> BoundsSpec:
@@ -184,7 +211,7 @@ class GameSpec(_Strict):
     name: str
     description: str = ""
     structure: Literal["tree", "mdp"] = "tree"
-    gamma: float = Field(default=1.0, gt=0, le=1)
+    gamma: Number = Field(default=1.0, gt=0, le=1)
     baseline: Amounts = Field(default_factory=Amounts)
     start: StartSpec
     bounds: BoundsSpec = Field(default_factory=BoundsSpec)

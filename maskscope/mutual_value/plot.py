@@ -122,6 +122,8 @@ def _layout(
 
 
 def _num(v: float) -> str:
+    if not np.isfinite(v):
+        return "diverges" if np.isnan(v) else f"{v}"
     return "0" if abs(v) < 1e-12 else f"{v:.3g}"
 
 
@@ -191,8 +193,9 @@ def plot_game(result: MutualValueResult, out: Path, max_states: int = MAX_DRAWN)
             bbox={"boxstyle": "round,pad=0.3", "fc": kinds[game.kinds[node]], "ec": "#555555"},
         )
     title = (
-        f"{game.name}: {result.status.value}   m_X={result.price_x:.3g}  m_Y={result.price_y:.3g}  "
-        f"rho={result.gain:.3g}   (green: planner's choice; blue dashed: chance)"
+        f"{game.name} ({result.definition.value}, ties {result.ties}): {result.status.value}   "
+        f"m_X={_num(result.price_x)}  m_Y={_num(result.price_y)}  sqrt|ab|={result.gain:.3g}   "
+        "(green: planner's choice; blue dashed: chance)"
     )
     if truncated:
         title += f"\nshowing {len(pos)} of the reachable states"

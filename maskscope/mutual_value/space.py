@@ -3,7 +3,8 @@
 Besides the states reachable from the start, the space holds every counterfactual the mutual-value
 definition asks about: for each state, the same node with X reset to its baseline and with Y reset to its
 baseline (and everything reachable from those), plus the start with one unit above baseline of a resource
-that starts at its baseline.
+that starts at its baseline, and the start with one unit less (or, where that is below the baseline or
+outside the bounds, one unit more) of each resource: the one-unit counterfactuals of the marginal values.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from maskscope.errors import UserError
-from maskscope.mutual_value.model import Game
+from maskscope.mutual_value.model import Game, clamp
 
 DEFAULT_MAX_STATES = 20_000
 TIE_TOL = 1e-9
+TIE_RULES = ("even", "first", "last")
+
+
+def check_tie_rule(rule: str) -> str:
+    """``rule`` if it names a tie rule: even, first, last or random:SEED (SEED a whole number >= 0)."""
+    if rule in TIE_RULES:
+        return rule
+    head, _, seed = rule.partition(":")
+    if head == "random" and seed.isdigit():
+        return rule
+    raise UserError(f"unknown tie rule {rule!r}: use even, first, last or random:SEED (e.g. random:0)")
 
 
 def _key(node: int, x: float, y: float) -> tuple[int, float, float]:
@@ -32,7 +44,10 @@ class StateSpace:
 
     States are numbered 0..n-1; state 0 is the start. Each decision state owns one *choice* per action,
     each chance state owns one choice (the chance move); terminal states own none. Choices of a state are
-    contiguous: ``choice_ptr[s]:choice_ptr[s + 1]``. Each choice has one or more edges.
+    contiguous: ``choice_ptr[s]:choice_ptr[s + 1]``. Each choice has one or more edges. ``unit_x`` is the
+    start, or the start with one unit above baseline of X if X starts at its baseline (the average per unit);
+    ``step_x`` is a pair of states (more, less) at the start node one unit of X apart, the start being one of
+    them (the one-unit counterfactual), or (-1, -1) if the bounds allow neither; likewise for Y.
     """
 
     game: Game
@@ -51,6 +66,8 @@ class StateSpace:
     cf_y: np.ndarray
     unit_x: int
     unit_y: int
+    step_x: tuple[int, int]
+    step_y: tuple[int, int]
 
     @property
     def n_states(self) -> int:
@@ -116,16 +133,40 @@ class StateSpace:
         """For each choice, the probability-weighted sum of a per-edge quantity over its edges."""
         return np.bincount(self.edge_choice, weights=self.edge_p * per_edge, minlength=self.n_choices)
 
-    def greedy(self, q: np.ndarray, tol: float = TIE_TOL) -> np.ndarray:
-        """Weights that split each state's choice evenly among its best choices by ``q`` (ties within tol)."""
+    def _per_state_max(self, v: np.ndarray) -> np.ndarray:
         starts = self.choice_ptr[:-1]
         has = np.diff(self.choice_ptr) > 0
         best = np.full(self.n_states, -np.inf)
-        best[has] = np.maximum.reduceat(q, starts[has])
-        top = best[self.choice_state]
+        best[has] = np.maximum.reduceat(v, starts[has])
+        return best[self.choice_state]
+
+    def tie_priority(self, ties: str) -> np.ndarray | None:
+        """Per choice, the priority a tie rule gives it among tied choices (None: split evenly)."""
+        rule = check_tie_rule(ties)
+        if rule == "even":
+            return None
+        if rule == "first":
+            return -np.arange(self.n_choices, dtype=float)
+        if rule == "last":
+            return np.arange(self.n_choices, dtype=float)
+        seed = int(rule.partition(":")[2])
+        return np.random.default_rng(seed).permutation(self.n_choices).astype(float)
+
+    def greedy(self, q: np.ndarray, tol: float = TIE_TOL, ties: str = "even") -> np.ndarray:
+        """Weights on each state's best choices by ``q`` (ties within tol, relative): split evenly among
+        them (``ties="even"``), or all on the first, the last, or a seeded random one of them."""
+        top = self._per_state_max(q)
         chosen = q >= top - tol * (1.0 + np.abs(top))
+        priority = self.tie_priority(ties)
+        if priority is not None:
+            ranked = np.where(chosen, priority, -np.inf)
+            chosen = chosen & (ranked == self._per_state_max(ranked))
         counts = np.bincount(self.choice_state, weights=chosen.astype(float), minlength=self.n_states)
         return chosen / counts[self.choice_state]
+
+    def indifferent_policy(self, ties: str = "even") -> np.ndarray:
+        """The policy of a planner to whom every action is worth the same, under a tie rule."""
+        return self.greedy(np.zeros(self.n_choices), ties=ties)
 
     def reachable(self, w: np.ndarray | None = None, start: int = 0) -> np.ndarray:
         """States reachable from ``start`` moving only along choices with positive weight (all if None)."""
@@ -175,6 +216,20 @@ def build_space(game: Game, max_states: int = DEFAULT_MAX_STATES) -> StateSpace:
     x0, y0 = game.start
     unit_x = get(game.start_node, bx + 1.0, y0) if abs(x0 - bx) < 1e-9 else start
     unit_y = get(game.start_node, x0, by + 1.0) if abs(y0 - by) < 1e-9 else start
+
+    def one_unit(resource: int) -> tuple[int, int]:
+        held, base = game.start[resource], game.baseline[resource]
+        for delta in (-1.0, 1.0):
+            moved = [x0, y0]
+            moved[resource] += delta
+            if held + delta < base - 1e-9 or clamp(moved[0], moved[1], game.bounds) != tuple(moved):
+                continue
+            other = get(game.start_node, moved[0], moved[1])
+            return (start, other) if delta < 0 else (other, start)
+        return (-1, -1)  # the bounds leave no room for one unit more or less
+
+    step_x = one_unit(0)
+    step_y = one_unit(1)
 
     choice_ptr = [0]
     choice_state: list[int] = []
@@ -237,4 +292,6 @@ def build_space(game: Game, max_states: int = DEFAULT_MAX_STATES) -> StateSpace:
         cf_y=arr(cf_y, np.int64),
         unit_x=unit_x,
         unit_y=unit_y,
+        step_x=step_x,
+        step_y=step_y,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from maskscope.reasoning.jobs import Candidate, ForcedJob, Jobs, Seq
+from maskscope.models.base import Candidate, ForcedJob, Seq, Tokenizing
 from maskscope.tasks import Problem, is_correct, parse_answer
 
 
@@ -16,18 +16,18 @@ def spellings(problem: Problem, answer: str) -> list[str]:
     return [f" {answer}"]
 
 
-def candidates(jobs: Jobs, problem: Problem, extra: Sequence[str | None] = ()) -> tuple[Candidate, ...]:
+def candidates(model: Tokenizing, problem: Problem, extra: Sequence[str | None] = ()) -> tuple[Candidate, ...]:
     """The candidates scored exactly: the whole answer set when it is small, else the right answer and any
     extra answers (e.g. the answer the full chain of thought gave)."""
     names = list(problem.choices) if problem.choices else [problem.answer]
     for e in extra:
         if e is not None and e not in names:
             names.append(e)
-    return tuple(jobs.candidate(n, spellings(problem, n)) for n in names)
+    return tuple(model.candidate(n, spellings(problem, n)) for n in names)
 
 
 def forced_job(
-    jobs: Jobs, seq: Seq, cut: int, answer_prefix: str, problem: Problem, extra: Sequence[str | None] = ()
+    model: Tokenizing, seq: Seq, cut: int, answer_prefix: str, problem: Problem, extra: Sequence[str | None] = ()
 ) -> ForcedJob:
     """The forced-answer job at a cut: `answer_prefix` (leading spaces dropped when nothing precedes it in
     the assistant's turn), the exact candidate probabilities, and for open answers a short greedy answer."""
@@ -36,8 +36,8 @@ def forced_job(
     return ForcedJob(
         seq,
         cut,
-        jobs.tokens(text),
-        candidates(jobs, problem, extra),
+        model.tokens(text),
+        candidates(model, problem, extra),
         open_tokens=0 if small else (8 if problem.answer_type == "integer" else 16),
         open_until="number" if problem.answer_type == "integer" else "sentence",
     )

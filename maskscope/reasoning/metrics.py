@@ -32,7 +32,7 @@ def mean_ci(
         confidence_level=confidence,
         n_resamples=resamples,
         method="percentile",
-        random_state=np.random.default_rng(seed),
+        rng=np.random.default_rng(seed),
     )
     return {
         "mean": mean,
