@@ -43,14 +43,51 @@ PrefillOpt = Annotated[
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 (exact) or bf16 (faster on AMX CPUs).")]
 StoreOpt = Annotated[Path, typer.Option("--store", help="The SQLite store.")]
+KeyEnvOpt = Annotated[
+    str,
+    typer.Option(
+        "--api-key-env",
+        help="openai:URL#MODEL only: the environment variable holding the API key (a spec cannot choose it).",
+    ),
+]
+OpenAIKeyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--use-openai-api-key",
+        help="openai:URL#MODEL only: also read OPENAI_API_KEY when the --api-key-env variable is unset.",
+    ),
+]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-insecure-key",
+        help="openai:URL#MODEL only: allow sending the API key over plain http to another machine.",
+    ),
+]
+INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
-def _load(model: str, precision: str, tokenizer: str | None, concurrency: int):  # noqa: ANN202
-    from maskscope.models.registry import load_model
+def _credentials(key_env: str, use_openai_key: bool, allow_insecure: bool):  # noqa: ANN202
+    from maskscope.models.openai_backend import Credentials
 
+    if not key_env or not key_env.replace("_", "").isalnum():
+        raise UserError(f"--api-key-env must name an environment variable, not {key_env!r}")
+    return Credentials(key_env=key_env, openai_fallback=use_openai_key, allow_insecure=allow_insecure)
+
+
+def _load(model: str, precision: str, tokenizer: str | None, concurrency: int, credentials=None):  # noqa: ANN001, ANN202
+    from maskscope.models.registry import check_model_name, load_model
+
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision must be fp32 or bf16, not {precision!r}")
+    if concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1, not {concurrency}")
+    check_model_name(model)
     server = {"tokenizer": tokenizer, "concurrency": concurrency} if model.startswith("openai:") else None
-    with out.status(f"loading {model}"):
-        return load_model(model, precision=precision, progress=out.print, server=server)
+    with out.status("loading model"):
+        return load_model(
+            model, precision=precision, progress=out.print, server=server, credentials=credentials
+        )
 
 
 def _context(system: str | None, user: str, prefill: str):  # noqa: ANN202
@@ -66,16 +103,27 @@ def run(
     store: Annotated[
         Path | None, typer.Option("--store", help="SQLite store (default: OUT/maskscope.sqlite).")
     ] = None,
+    api_key_env: KeyEnvOpt = "MASKSCOPE_API_KEY",
+    use_openai_api_key: OpenAIKeyOpt = False,
+    allow_insecure_key: InsecureOpt = False,
 ) -> None:
     """Run an experiment spec; rerunning the same command resumes where it stopped."""
     from maskscope.progress import rich_progress
     from maskscope.runner import load_spec
     from maskscope.runner import run as run_experiment
 
+    credentials = _credentials(api_key_env, use_openai_api_key, allow_insecure_key)
     experiment, parsed = load_spec(spec)  # validate before loading anything heavy
     with rich_progress() as progress:
-        out_dir = run_experiment(experiment, parsed, out_root=out_root, store_path=store, progress=progress)
-    out.print(f"wrote {out_dir}/summary.json, plots and {out_dir}/report.html")
+        out_dir = run_experiment(
+            experiment,
+            parsed,
+            out_root=out_root,
+            store_path=store,
+            progress=progress,
+            credentials=credentials,
+        )
+    out.print(f"wrote {out_dir}/summary.json, plots and {out_dir}/report.html", markup=False, highlight=False)
 
 
 @app.command()
@@ -84,6 +132,9 @@ def models(
         str | None, typer.Argument(help="A model to load and describe (e.g. openai:URL#MODEL).")
     ] = None,
     tokenizer: TokenizerOpt = None,
+    api_key_env: KeyEnvOpt = "MASKSCOPE_API_KEY",
+    use_openai_api_key: OpenAIKeyOpt = False,
+    allow_insecure_key: InsecureOpt = False,
 ) -> None:
     """List the model names maskscope understands and whether the bundled model is installed; given a model,
     load it and say what it can and cannot do."""
@@ -91,7 +142,8 @@ def models(
     from maskscope.models.registry import SCHEMES
 
     if model is not None:
-        lm = _load(model, "fp32", tokenizer, 1)
+        credentials = _credentials(api_key_env, use_openai_api_key, allow_insecure_key)
+        lm = _load(model, "fp32", tokenizer, 1, credentials)
         out.print(f"{lm.name}: can {', '.join(sorted(lm.capabilities))}", soft_wrap=True)
         for what, why in getattr(lm, "missing_capabilities", dict)().items():
             out.print(f"  cannot {what}: {why}", soft_wrap=True)
@@ -119,9 +171,17 @@ def score(
     tokenizer: TokenizerOpt = None,
     concurrency: ConcurrencyOpt = 16,
     top_k: Annotated[int, typer.Option(help="Also show the top-k first tokens (0: no).")] = 10,
+    api_key_env: KeyEnvOpt = "MASKSCOPE_API_KEY",
+    use_openai_api_key: OpenAIKeyOpt = False,
+    allow_insecure_key: InsecureOpt = False,
 ) -> None:
     """Exact log-probabilities of replies beginning with each continuation."""
-    lm = _load(model, precision, tokenizer, concurrency)
+    if top_k < 0:
+        raise UserError(f"--top-k must be 0 (none) or more, not {top_k}")
+    if any(not c for c in continuations):
+        raise UserError("continuations must be non-empty strings")
+    credentials = _credentials(api_key_env, use_openai_api_key, allow_insecure_key)
+    lm = _load(model, precision, tokenizer, concurrency, credentials)
     ctx = _context(system, user, prefill)
     table = Table("continuation", "tokens", "log-prob", "P", title="exact, teacher-forced")
     for s in lm.score(ctx, continuations):
@@ -153,9 +213,23 @@ def sample(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     tokenizer: TokenizerOpt = None,
     concurrency: ConcurrencyOpt = 16,
+    api_key_env: KeyEnvOpt = "MASKSCOPE_API_KEY",
+    use_openai_api_key: OpenAIKeyOpt = False,
+    allow_insecure_key: InsecureOpt = False,
 ) -> None:
     """Sample replies, batched and reproducible by seed."""
-    lm = _load(model, precision, tokenizer, concurrency)
+    import math
+
+    if n < 1:
+        raise UserError(f"-n must be at least 1, not {n}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0: greedy), not {temperature}")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], not {top_p}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    credentials = _credentials(api_key_env, use_openai_api_key, allow_insecure_key)
+    lm = _load(model, precision, tokenizer, concurrency, credentials)
     with out.status(f"sampling {n} replies"):
         samples = lm.sample(
             _context(system, user, prefill),
@@ -214,6 +288,43 @@ def cache_why(
     out.print(table)
 
 
+@cache_app.command("check")
+def cache_check(store: StoreOpt = Path("runs/maskscope.sqlite")) -> None:
+    """Check a store without changing it: SQLite's integrity check of the file, and every stored result
+    against its checksum. Exit status 1 when something is damaged."""
+    from maskscope.store import check_store
+
+    report = check_store(store)
+    version = "unreadable" if report.schema_version < 0 else f"schema {report.schema_version}"
+    out.print(f"{store}: {report.results} stored results, {version}", markup=False, highlight=False)
+    if report.file_ok:
+        out.print("file: ok (SQLite integrity check)")
+    else:
+        out.print(f"file: damaged ({report.file_problem})", markup=False, highlight=False)
+    out.print(
+        f"results: {len(report.damaged)} fail their checksum or do not parse"
+        + (" (never served: a run treats them as missing and recomputes them)" if report.damaged else "")
+    )
+    if not report.ok:
+        out.print(f"`maskscope cache repair --store {store}` salvages every sound result into a new file.")
+        raise typer.Exit(1)
+
+
+@cache_app.command("repair")
+def cache_repair(store: StoreOpt = Path("runs/maskscope.sqlite")) -> None:
+    """Salvage a damaged store: every result that can be read and passes its checksum goes into a new file
+    that replaces it; the damaged file is kept beside it. Rerunning then recomputes what was lost."""
+    from maskscope.store import repair_store
+
+    report = repair_store(store)
+    out.print(
+        f"kept {report.kept} results and {report.runs} run records; dropped {report.dropped} damaged results; "
+        f"the old file is {report.moved_to}. Rerun to recompute what was dropped.",
+        markup=False,
+        highlight=False,
+    )
+
+
 @cache_app.command("runs")
 def cache_runs(
     name: Annotated[str, typer.Argument(help="Run name.")],
@@ -246,28 +357,38 @@ def cache_runs(
 app.command("mutual-value")(mutual_value_command)
 
 
+def one_line(message: str) -> str:
+    """A message as one line: control characters (a newline or vertical tab in a file name...) escaped."""
+    import unicodedata
+
+    return "".join(
+        c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii")
+        for c in message
+    )
+
+
 def main() -> None:
     """Entry point: run the app; user errors become one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode, click returns typer.Exit's code
+        if code == 130:  # typer turns Ctrl-C into Exit(130)
+            print(INTERRUPTED, file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
-        print(f"maskscope: error: {e}", file=sys.stderr)
+        print(f"maskscope: error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "maskscope: interrupted; every finished result is in the store; rerun to resume", file=sys.stderr
-        )
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        print(
-            "maskscope: interrupted; every finished result is in the store; rerun to resume", file=sys.stderr
-        )
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except typer.TyperException as e:  # usage errors: a missing argument, an unknown command or option
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"maskscope: error: {message} (see maskscope --help)", file=sys.stderr)
+        print(f"maskscope: error: {one_line(message)} (see maskscope --help)", file=sys.stderr)
         sys.exit(2)
 
 

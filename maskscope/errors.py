@@ -11,4 +11,5 @@ def validation_message(error: object, source: str) -> str:
     first = errors[0]
     where = ".".join(str(x) for x in first["loc"]) or "(top level)"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: field '{where}': {first['msg']}{more}"
+    message = " ".join(str(first["msg"]).removeprefix("Value error, ").split())
+    return f"{source}: field '{where}': {message}{more}"

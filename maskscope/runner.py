@@ -1,8 +1,17 @@
-"""From a YAML spec to runs/<name>/{summary.json, *.png, report.html}, through the store."""
+"""From a YAML spec to runs/<name>/{summary.json, *.png, report.html}, through the store.
+
+Before any model loads, the run's name must be a safe label, its directory must lie inside the output root,
+and the output directory and the store must be writable (and the store readable and sound): a problem there
+is one line, and nothing is left behind. Every output is written atomically (a temporary file renamed over
+the target), so a kill mid-write never leaves half a file."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +20,8 @@ from pydantic import BaseModel
 
 from maskscope.errors import UserError
 from maskscope.experiments import EXPERIMENTS, Experiment
-from maskscope.files import read_yaml, validate
+from maskscope.experiments.spec import check_run_name
+from maskscope.files import atomic_write_text, read_yaml, validate, write_error, writing
 from maskscope.progress import Progress, Silent
 
 
@@ -20,11 +30,16 @@ def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
     if not isinstance(data, dict):
         raise UserError(f"{source}: a spec must be a mapping with an 'experiment' field")
     kind = data.get("experiment")
-    if kind not in EXPERIMENTS:
+    if not isinstance(kind, str) or kind not in EXPERIMENTS:
         known = ", ".join(sorted(EXPERIMENTS))
         raise UserError(f"{source}: field 'experiment' must be one of {known}, not {kind!r}")
     experiment = EXPERIMENTS[kind]
-    return experiment, validate(experiment.spec, data, source)
+    spec = validate(experiment.spec, data, source)
+    try:
+        check_run_name(getattr(spec, "name", None))
+    except ValueError as e:
+        raise UserError(f"{source}: field 'name': {e}") from None
+    return experiment, spec
 
 
 def load_spec(path: str | Path) -> tuple[Experiment, BaseModel]:
@@ -39,10 +54,106 @@ def run_spec(
     store_path: str | Path | None = None,
     model: Any = None,
     progress: Progress | None = None,
+    credentials: Any = None,
 ) -> Path:
     """Run a spec file and write its outputs; returns the output directory. Rerunning resumes from the store."""
     experiment, spec = load_spec(spec_path)
-    return run(experiment, spec, out_root=out_root, store_path=store_path, model=model, progress=progress)
+    return run(
+        experiment,
+        spec,
+        out_root=out_root,
+        store_path=store_path,
+        model=model,
+        progress=progress,
+        credentials=credentials,
+    )
+
+
+def run_dir(out_root: str | Path, name: str) -> Path:
+    """The directory of a run: out_root/name, refused unless name is a safe label and it stays in out_root."""
+    try:
+        check_run_name(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    root = Path(out_root)
+    out_dir = root / name
+    if out_dir.resolve().parent != root.resolve():
+        raise UserError(f"the run directory {out_dir} would lie outside the output directory {root}")
+    return out_dir
+
+
+def redact(value: Any) -> Any:
+    """A summary or spec with credentials removed from every string that is a URL or a model name."""
+    from maskscope.models.openai_backend import redact_model_name
+
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and value.startswith(("openai:", "http://", "https://")):
+        return redact_model_name(value)
+    return value
+
+
+def finite(value: Any) -> Any:
+    """A summary with every infinite or NaN float replaced by None, so that it is valid JSON."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class _Created:
+    """Directories and a store file made by this run, removed again if it fails before computing anything."""
+
+    def __init__(self) -> None:
+        self.dirs: list[Path] = []
+        self.store: Path | None = None
+
+    def mkdir(self, path: Path) -> None:
+        missing = []
+        for p in [path, *path.parents]:
+            if p.exists():
+                break
+            missing.append(p)
+        with writing("the output directory", path):
+            path.mkdir(parents=True, exist_ok=True)
+        self.dirs += missing  # deepest first
+
+    def remove(self) -> None:
+        if self.store is not None:
+            for p in (self.store, Path(f"{self.store}-wal"), Path(f"{self.store}-shm")):
+                p.unlink(missing_ok=True)
+        for d in self.dirs:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def read_spec_files(spec: Any) -> None:
+    """Read the files a spec names (a mask library, task files) before anything heavy loads, so that a
+    missing or unreadable one is refused first; the experiment reads them again (they are small)."""
+    from maskscope.tasks import TaskSpec, load_tasks
+
+    if callable(getattr(spec, "mask_library", None)):
+        spec.mask_library()
+    tasks = getattr(spec, "tasks", None)
+    if isinstance(tasks, list) and tasks and all(isinstance(t, TaskSpec) for t in tasks):
+        load_tasks(tasks)
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse (one line) an output directory where a file cannot be created."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise (write_error(e, "outputs", directory) or e) from None
 
 
 def run(
@@ -53,36 +164,67 @@ def run(
     store_path: str | Path | None = None,
     model: Any = None,
     progress: Progress | None = None,
+    credentials: Any = None,
 ) -> Path:
-    """Run a validated spec: resolve the model, go through the store, write summary, plots and report."""
-    from maskscope.models.registry import load_model
+    """Run a validated spec: check the output directory and the store, resolve the model, go through the
+    store, write summary, plots and report. `credentials` (the user's, never the spec's) reaches an
+    openai:URL#MODEL backend."""
+    from maskscope.models.registry import check_model_name, load_model
     from maskscope.report import render_report
     from maskscope.store import CachedModel, Store
 
     progress = progress or Silent()
-    out_dir = Path(out_root) / spec.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(store_path or Path(out_root) / "maskscope.sqlite")
-    started = time.time()
+    out_dir = run_dir(out_root, spec.name)
+    store_file = Path(store_path) if store_path is not None else Path(out_root) / "maskscope.sqlite"
+    if model is None:
+        check_model_name(spec.model)
+    extra_names = spec.extra_models() if callable(getattr(spec, "extra_models", None)) else {}
+    for name in extra_names.values():
+        check_model_name(name)
+    read_spec_files(spec)
+    if store_file.is_dir():
+        raise UserError(f"cannot use the store {store_file}: it is a directory; give a file path (--store)")
+
+    created = _Created()
+    store = None
     try:
+        created.mkdir(out_dir)
+        _check_writable(out_dir)
+        created.mkdir(store_file.parent)
+        if not store_file.exists():
+            created.store = store_file
+        store = Store(store_file, check=True)
         if model is None:
             model = load_model(
                 spec.model,
                 precision=getattr(spec, "precision", "fp32"),
                 progress=progress.note,
                 server=getattr(spec, "server", None),
+                credentials=credentials,
             )
-        cached = CachedModel(model, store)
-        extra = {
-            role: CachedModel(
-                load_model(name, precision=getattr(spec, "precision", "fp32"), progress=progress.note), store
+        extra_loaded = {
+            role: load_model(
+                name,
+                precision=getattr(spec, "precision", "fp32"),
+                progress=progress.note,
+                credentials=credentials,
             )
-            for role, name in spec.extra_models().items()
+            for role, name in extra_names.items()
         }
+    except BaseException:
+        if store is not None:
+            store.close()
+        created.remove()
+        raise
+
+    started = time.time()
+    try:
         from maskscope.metadata import collect, rendered_prompts
 
+        cached = CachedModel(model, store)
+        extra = {role: CachedModel(m, store) for role, m in extra_loaded.items()}
         metadata = collect(model, spec)  # before the run: the code and libraries that compute it
-        store.start_run(spec.name, spec.model_dump())
+        store.start_run(spec.name, redact(spec.model_dump()))
         try:
             if extra:
                 summary = experiment.run(cached, spec, progress, models=extra)
@@ -93,15 +235,33 @@ def run(
             raise
         store.finish_run(spec.name, "done")
         summary["metadata"] = {**metadata, "rendered_prompts": rendered_prompts(store, spec.name)}
+        summary = redact(summary)
         summary["run"] = {**(store.run_record(spec.name) or {}), "seconds": round(time.time() - started, 2)}
         summary["run"].pop("spec", None)
+        summary["run"]["damaged_results_recomputed"] = store.damaged
+        if store.damaged:
+            progress.note(f"{store.damaged} damaged results recomputed")
         if hasattr(model, "request_stats"):
             summary["run"]["server"] = model.request_stats()
-        (out_dir / "summary.json").write_text(
-            json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"
-        )
-        experiment.plots(summary, out_dir)
-        render_report(summary, out_dir)
+        write_outputs(experiment, summary, out_dir, render_report)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return out_dir
+
+
+def write_outputs(experiment: Experiment, summary: dict[str, Any], out_dir: Path, render: Any) -> None:
+    """summary.json, the experiment's plots and exports, and report.html, each written atomically: the plots
+    are drawn into a staging directory inside out_dir and renamed into place one by one."""
+    text = json.dumps(finite(summary), indent=2, ensure_ascii=False, allow_nan=False)
+    atomic_write_text(out_dir / "summary.json", text, "summary.json")
+    with writing("plots", out_dir):
+        stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
+        try:
+            experiment.plots(summary, stage)
+            for item in sorted(stage.iterdir()):
+                if item.is_file():
+                    os.replace(item, out_dir / item.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    render(summary, out_dir)

@@ -222,11 +222,11 @@ def load_jsonl(path: str | Path, *, limit: int | None = None) -> list[Problem]:
 
     The answer type is inferred from the whole file: all answers integers -> integer; all true/false ->
     boolean; a small set of distinct answers (or explicit choices) -> choice; else text."""
+    from maskscope.files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"task file not found: {path}")
     rows: list[tuple[str, str, list[str] | None]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "task file").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from maskscope.masks import Mask, MaskLibrary
 from maskscope.models.openai_backend import ServerOptions
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = (
+    "a run name is a label of 1 to 100 letters, digits, '.', '_' or '-', beginning with a letter or digit "
+    "(it names the directory runs/<name>/)"
+)
+
+
+def check_run_name(name: object) -> str:
+    """A run name, refused (ValueError) unless it is a safe directory name: no path separators, no '..',
+    no NUL byte, not empty, at most 100 characters."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 40 else repr(name[:40] + "...")
+        raise ValueError(f"{NAME_RULE}, not {shown}")
+    return name
 
 
 class RunSpec(BaseModel):
@@ -24,6 +40,11 @@ class RunSpec(BaseModel):
     server: ServerOptions | None = Field(
         None, description="For openai:URL#MODEL: tokenizer, concurrency, timeouts and retries."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_run_name(name)
 
     def extra_models(self) -> dict[str, str]:
         """Models the experiment uses besides `model`, by role (e.g. {"writer": "hf:DIR"}); the runner loads

@@ -84,10 +84,57 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+GGUF_MAGIC = b"GGUF"
+# What a model directory's files can raise when they are not what they claim (a truncated or hostile weights
+# file refused by the safe loader, a config that does not parse): the user's input, said in one line.
+LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    TypeError,
+    EOFError,
+)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    return (*LOAD_ERRORS, pickle.UnpicklingError)
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a path that is not a readable GGUF file, reading only its first four bytes (nothing is hashed
+    or cached for a file that is not GGUF)."""
+    try:
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except (OSError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"cannot read GGUF file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if magic != GGUF_MAGIC:
+        raise UserError(f"not a GGUF file (it does not begin with 'GGUF'): {path}")
+
+
+def check_hf_dir(directory: Path) -> None:
+    """Refuse a path that is not a transformers model directory, without reading its weights."""
+    try:
+        if not directory.is_dir():
+            raise UserError(f"model directory not found: {directory}")
+        if not (directory / "config.json").is_file():
+            raise UserError(f"not a transformers model directory (no config.json): {directory}")
+    except ValueError as e:  # a NUL byte in the path
+        raise UserError(f"bad model path {str(directory)!r}: {e}") from None
+
+
 def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
     """A transformers directory holding the GGUF's dequantized weights, made once and cached.
 
     Returns the directory and the digest of the GGUF file (the model's weights hash)."""
+    check_gguf(gguf)
     digest = file_digest(gguf)
     target = cache_dir() / "gguf" / digest[:24]
     if (target / "model.safetensors").exists():
@@ -103,8 +150,8 @@ def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
         causal_lm = transformers.AutoModelForCausalLM
         model = causal_lm.from_pretrained(where, gguf_file=name, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    except _load_errors() as e:
+        raise UserError(f"cannot read GGUF file {gguf}: {_first_line(e)}") from e
     # A dequantized model no longer needs the GGUF quantizer: drop it so that the config loads as plain fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -137,10 +184,7 @@ def load_hf_dir(
 ) -> Any:
     """Load a local transformers model directory into an HFModel (local files only)."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"model directory not found: {directory}")
-    if not (directory / "config.json").exists():
-        raise UserError(f"not a transformers model directory (no config.json): {directory}")
+    check_hf_dir(directory)
     import torch
     import transformers
 
@@ -153,8 +197,8 @@ def load_hf_dir(
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         causal_lm = transformers.AutoModelForCausalLM
         model = causal_lm.from_pretrained(str(directory), local_files_only=True, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model from {directory}: {str(e).splitlines()[0]}") from e
+    except _load_errors() as e:
+        raise UserError(f"cannot load model from {directory}: {_first_line(e)}") from e
     if device:
         model = model.to(device)
     return HFModel(model, tokenizer, name=name or directory.name, weights_digest=digest, precision=precision)
@@ -163,10 +207,14 @@ def load_hf_dir(
 def load_gguf(path: Path, *, name: str | None = None, precision: str = "fp32", progress: Any = None) -> Any:
     """Load a GGUF file through transformers (dequantized to fp32, cached after the first load)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"GGUF file not found: {path}")
+    check_gguf(path)
     directory, digest = dequantized_dir(path, progress)
     return load_hf_dir(directory, name=name or path.stem, digest=digest, precision=precision)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def load_bundled(*, precision: str = "fp32", progress: Any = None) -> Any:

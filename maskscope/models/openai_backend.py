@@ -1,9 +1,13 @@
 """The OpenAI-compatible backend: a vLLM, llama.cpp or other server reached over HTTP with the `openai` client.
 
 Model name: ``openai:URL#MODEL``, for example ``openai:http://127.0.0.1:8000/v1#Qwen/Qwen2.5-7B-Instruct``
-(``#MODEL`` may be left out when the server serves one model). The API key is read from the environment
-variable named by ``ServerOptions.api_key_env`` (default ``MASKSCOPE_API_KEY``, then ``OPENAI_API_KEY``); it
-is never written to logs, the store or reports.
+(``#MODEL`` may be left out when the server serves one model).
+
+The API key comes from the user, never from a spec (a spec is data a user may have downloaded): the environment
+variable ``MASKSCOPE_API_KEY``, or another variable the user names on the command line (``--api-key-env``), or
+``OPENAI_API_KEY`` when the user opts in (``--use-openai-api-key``). No key (nor credentials written into the URL)
+goes over plain http to a host other than this machine unless the user says so (``--allow-insecure-key``). The
+key is never written to logs, the store or reports, and URLs are stored and shown with credentials removed.
 
 What a server can do, and so which experiments run, is found out when the model is loaded:
 
@@ -28,6 +32,7 @@ needs one budget shared by all its concurrent requests and the counts for its su
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -35,9 +40,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maskscope.errors import UserError
 from maskscope.models.base import (
@@ -78,18 +85,94 @@ class ServerOptions(BaseModel):
     retry_budget: int = Field(1000, ge=0, description="Retries allowed in all, across requests.")
     backoff: float = Field(0.5, gt=0, description="Backoff before the first retry, seconds (doubles).")
     max_backoff: float = Field(30.0, gt=0, description="Longest backoff, seconds.")
-    api_key_env: str = Field("MASKSCOPE_API_KEY", description="Environment variable holding the API key.")
     top_logprobs_limit: int = Field(20, ge=1, description="Most top log-probabilities the server returns.")
     n_per_request: int = Field(
         1, ge=1, le=1024, description="Samples drawn per request (the `n` parameter; llama.cpp ignores n)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_choice(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key_env" in data:
+            raise ValueError(
+                "a spec cannot choose which secret is sent (api_key_env): the key comes from MASKSCOPE_API_KEY, "
+                "or from the variable named by the command line's --api-key-env"
+            )
+        return data
+
+
+DEFAULT_KEY_ENV = "MASKSCOPE_API_KEY"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API key comes from and where it may go, as the user (never a spec) decides.
+
+    `key_env`: the environment variable holding the key; `openai_fallback`: also read ``OPENAI_API_KEY`` when
+    `key_env` is unset; `allow_insecure`: allow a key over plain http to a host other than this machine."""
+
+    key_env: str = DEFAULT_KEY_ENV
+    openai_fallback: bool = False
+    allow_insecure: bool = False
+
+    def key(self) -> tuple[str | None, str]:
+        """The key (or None) and the name of the variable it came from (or would come from)."""
+        value = os.environ.get(self.key_env)
+        if value:
+            return value, self.key_env
+        if self.openai_fallback and os.environ.get("OPENAI_API_KEY"):
+            return os.environ["OPENAI_API_KEY"], "OPENAI_API_KEY"
+        return None, self.key_env
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user name and password removed (``http://u:p@h/v1`` -> ``http://h/v1``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def redact_model_name(name: str) -> str:
+    """A model name (``openai:URL#MODEL``, or a bare URL) with credentials removed from its URL."""
+    if name.startswith("openai:"):
+        return "openai:" + redact_url(name[len("openai:") :])
+    if name.startswith(("http://", "https://")):
+        return redact_url(name)
+    return name
+
+
+def is_loopback(url: str) -> bool:
+    """Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str, key: str | None, credentials: Credentials) -> None:
+    """Refuse to send a key or URL credentials over plain http to another machine without the user's flag."""
+    secret = key is not None or "@" in urlsplit(url).netloc
+    if secret and urlsplit(url).scheme == "http" and not is_loopback(url) and not credentials.allow_insecure:
+        raise UserError(
+            f"{redact_url(url)}: refusing to send an API key or credentials over plain http to another machine; "
+            "use https, or pass --allow-insecure-key if this network is trusted"
+        )
 
 
 def parse_name(rest: str) -> tuple[str, str | None]:
     """``URL#MODEL`` (the part after ``openai:``) into the base URL and the model name (or None)."""
     url, _, model = rest.partition("#")
     if not url.startswith(("http://", "https://")):
-        raise UserError(f"openai backend: the URL must start with http:// or https://, not {url!r}")
+        raise UserError(
+            f"openai backend: the URL must start with http:// or https://, not {redact_url(url)!r}"
+        )
     return url.rstrip("/"), (model or None)
 
 
@@ -126,20 +209,23 @@ class OpenAIModel(ModelAPI):
         *,
         chat: ChatTokenizer | None = None,
         client: Any = None,
+        credentials: Credentials | None = None,
     ) -> None:
         import openai
 
         self.openai = openai
-        self.url = base_url
+        self.url = redact_url(base_url)  # what is shown, stored and keyed: never credentials
         self.options = options or ServerOptions()
         self.chat = chat
         self.stats = RequestStats()
-        api_key = os.environ.get(self.options.api_key_env) or os.environ.get("OPENAI_API_KEY") or "none"
+        credentials = credentials or Credentials()
+        api_key, self.key_env = credentials.key()
+        check_transport(base_url, api_key, credentials)
         self.client = client or openai.OpenAI(
-            base_url=base_url, api_key=api_key, timeout=self.options.timeout, max_retries=0
+            base_url=base_url, api_key=api_key or "none", timeout=self.options.timeout, max_retries=0
         )
         self.model = self._resolve_model(model)
-        self.name = f"openai:{base_url}#{self.model}"
+        self.name = f"openai:{self.url}#{self.model}"
         self._raw_echo: bool | None = None  # probed on the first raw-string prompt scored through echo
         self._template_start: int | None = None
         self.scoring = self._probe_scoring() if chat is not None else None
@@ -333,7 +419,7 @@ class OpenAIModel(ModelAPI):
                 return fn()
             except (o.AuthenticationError, o.PermissionDeniedError) as e:
                 raise UserError(
-                    f"{self.url}: authentication failed (HTTP {e.status_code}); set {self.options.api_key_env} "
+                    f"{self.url}: authentication failed (HTTP {e.status_code}); set {self.key_env} "
                     "to the server's API key"
                 ) from None
             except o.NotFoundError as e:
@@ -560,14 +646,27 @@ def _few(names: Sequence[str]) -> str:
     )
 
 
-def load_openai(rest: str, options: ServerOptions | None = None) -> OpenAIModel:
+def load_openai(
+    rest: str, options: ServerOptions | None = None, credentials: Credentials | None = None
+) -> OpenAIModel:
     """``URL#MODEL`` into a connected OpenAIModel, with the local tokenizer when the options name one."""
     from maskscope.models.loading import load_tokenizer
 
     url, model = parse_name(rest)
+    credentials = credentials or Credentials()
+    check_transport(url, credentials.key()[0], credentials)  # before anything is loaded or sent
     options = options or ServerOptions()
     chat = load_tokenizer(options.tokenizer) if options.tokenizer else None
-    return OpenAIModel(url, model, options, chat=chat)
+    return OpenAIModel(url, model, options, chat=chat, credentials=credentials)
 
 
-__all__ = ["OpenAIModel", "ServerOptions", "load_openai", "parse_name"]
+__all__ = [
+    "Credentials",
+    "OpenAIModel",
+    "ServerOptions",
+    "check_transport",
+    "load_openai",
+    "parse_name",
+    "redact_model_name",
+    "redact_url",
+]

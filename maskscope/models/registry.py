@@ -17,10 +17,16 @@ SCHEMES = {
 
 
 def load_model(
-    name: str = "default", *, precision: str = "fp32", progress: Any = None, server: Any = None
+    name: str = "default",
+    *,
+    precision: str = "fp32",
+    progress: Any = None,
+    server: Any = None,
+    credentials: Any = None,
 ) -> LanguageModel:
     """Resolve a model name to a loaded model. `precision` is "fp32" (exact, default) or "bf16" (faster);
-    `server` (ServerOptions or a mapping) configures an openai:URL#MODEL backend."""
+    `server` (ServerOptions or a mapping) configures an openai:URL#MODEL backend, and `credentials` (the
+    user's Credentials: which variable holds the API key, whether plain http may carry it) reaches it."""
     from maskscope.models import loading
 
     if server is not None and not name.startswith("openai:"):
@@ -39,6 +45,33 @@ def load_model(
         options = (
             server if isinstance(server, ServerOptions) else validate(ServerOptions, server or {}, "server")
         )
-        return load_openai(rest, options)
+        return load_openai(rest, options, credentials)
     known = ", ".join(SCHEMES)
-    raise UserError(f"unknown model {name!r}: use one of {known}")
+    raise UserError(f"unknown model {_shown(name)!r}: use one of {known}")
+
+
+def _shown(name: str) -> str:
+    from maskscope.models.openai_backend import redact_model_name
+
+    return redact_model_name(name)[:200]
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model name that cannot load, without loading anything: an unknown scheme, a missing file or
+    directory, a file that is not GGUF. (Cheap checks only; the load itself says the rest.)"""
+    from maskscope.models import loading
+
+    if name in ("default", "bundled", loading.BUNDLED_NAME):
+        loading.bundled_gguf_path()
+        return
+    scheme, sep, rest = name.partition(":")
+    if sep and scheme == "hf":
+        loading.check_hf_dir(Path(rest).expanduser())
+    elif sep and scheme == "gguf":
+        loading.check_gguf(Path(rest).expanduser())
+    elif sep and scheme == "openai":
+        from maskscope.models.openai_backend import parse_name
+
+        parse_name(rest)
+    else:
+        raise UserError(f"unknown model {_shown(name)!r}: use one of {', '.join(SCHEMES)}")

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
+
+from maskscope.files import atomic_write, atomic_write_text
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Labels in plots come from specs and models: text, never markup. Without this, a persona named `$\alpha^{$`
+# goes to matplotlib's mathtext parser and the plot (and every rerun) fails after all results are computed.
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def plain_text(fn: F) -> F:
+    """Run a plotting function with every label drawn as plain text (no mathtext, no TeX)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def save_figure(fig: Any, path: Path, dpi: int, **kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically (a temporary file renamed over the target)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs), path.name)
 
 
 def _environment() -> Environment:
@@ -42,6 +72,4 @@ def render_report(summary: dict[str, Any], out_dir: Path) -> Path:
         spec_yaml=yaml.safe_dump(summary["spec"], sort_keys=False, allow_unicode=True),
         version=__version__,
     )
-    path = Path(out_dir) / "report.html"
-    path.write_text(html, encoding="utf-8")
-    return path
+    return atomic_write_text(Path(out_dir) / "report.html", html, "report.html")

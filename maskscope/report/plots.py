@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from maskscope.report import plain_text, save_figure  # noqa: E402
+
 CATEGORY_COLORS = {"target": "#c0392b", "in_character": "#2e86c1", "other": "#95a5a6"}
 
 
@@ -29,6 +31,7 @@ def _label(item: dict[str, Any]) -> str:
     return f"{item['name']} (control)" if item.get("control") else item["name"]
 
 
+@plain_text
 def character_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Heatmap of the exact target probability, and bars of the sampled categories with 95% intervals."""
     out_dir = Path(out_dir)
@@ -54,7 +57,7 @@ def _heatmap(summary: dict[str, Any], path: Path) -> Path:
     fig.colorbar(im, ax=ax, label="P(reply begins with a target)  [exact]")
     ax.set_title("Stepping out of character: exact probability per persona x pressure")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -113,11 +116,12 @@ def _category_bars(summary: dict[str, Any], path: Path) -> Path:
         fontsize=8, ncol=4, loc="upper left", bbox_to_anchor=(0, 1.45 if len(personas) > 1 else 1.3)
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
+@plain_text
 def posterior_plots(summary: dict[str, Any], out_dir: Path, per_row: int = 40) -> list[Path]:
     """Two pictures of which mask is speaking, with the transcript's tokens written beneath: the switching
     model's smoothed posterior (stacked) and the static cumulative posterior (lines)."""
@@ -150,12 +154,13 @@ def posterior_plots(summary: dict[str, Any], out_dir: Path, per_row: int = 40) -
         axes[0, 0].legend(loc="lower left", bbox_to_anchor=(1.0, 0.0), fontsize=8)
         fig.tight_layout()
         path = Path(out_dir) / f"posterior_{kind}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+@plain_text
 def explain_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """The reply-level mixture's weights with bootstrap intervals (the per-position fit's beside them, as the
     secondary view), which mask the mixture says spoke each prompt's replies, and the residual KL."""
@@ -199,6 +204,6 @@ def explain_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_title(f"residual per position (mean {residual.mean():.3f})", fontsize=10)
     fig.tight_layout()
     path = Path(out_dir) / "explain.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]

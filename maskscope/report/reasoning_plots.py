@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maskscope.reasoning.text import slug  # noqa: E402
+from maskscope.report import plain_text, save_figure  # noqa: E402
 
 COLORS = {
     "truncated": "#1f4e79",
@@ -40,6 +41,7 @@ def _series(curve: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.nda
     return mean, lo, hi
 
 
+<<<<<<< HEAD
 def _line(ax: Any, grid: np.ndarray, curve: list[dict[str, Any]], label: str, color: Any, **kw: Any) -> None:
     mean, lo, hi = _series(curve)
     ok = ~np.isnan(mean)
@@ -63,6 +65,9 @@ def _aoc_label(name: str, aoc: dict[str, Any] | None) -> str:
     return f"{name} (AOC {aoc['mean']:.2f})"
 
 
+=======
+@plain_text
+>>>>>>> rel
 def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """One figure per task: the exact probability of the full-CoT answer against the fraction of steps
     given (Lanham's curve, AOC in the legend) and, separately, against the token grid; free agreement on the
@@ -116,12 +121,13 @@ def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         )
         fig.tight_layout()
         path = out_dir / task["plot"]
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+@plain_text
 def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """One figure per task: per mask, sampled accuracy (Wilson interval, or a cluster bootstrap over problems
     when problems have several replies) and the exact mean probability of the right answer (bootstrap
@@ -177,12 +183,13 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"capabilities_{slug(task['label'])}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
+@plain_text
 def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Per forced prefill: the exact probability that the reply goes on with a self-correction marker, and
     the sampled categories of what follows (Wilson intervals)."""
@@ -230,6 +237,6 @@ def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = out_dir / "prefill.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
