@@ -41,7 +41,6 @@ def _series(curve: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.nda
     return mean, lo, hi
 
 
-<<<<<<< HEAD
 def _line(ax: Any, grid: np.ndarray, curve: list[dict[str, Any]], label: str, color: Any, **kw: Any) -> None:
     mean, lo, hi = _series(curve)
     ok = ~np.isnan(mean)
@@ -65,9 +64,7 @@ def _aoc_label(name: str, aoc: dict[str, Any] | None) -> str:
     return f"{name} (AOC {aoc['mean']:.2f})"
 
 
-=======
 @plain_text
->>>>>>> rel
 def cot_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """One figure per task: the exact probability of the full-CoT answer against the fraction of steps
     given (Lanham's curve, AOC in the legend) and, separately, against the token grid; free agreement on the
