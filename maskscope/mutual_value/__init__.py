@@ -5,118 +5,51 @@ search, the boring baselines and the comparison between them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import importlib
+from typing import Any
 
-from maskscope.mutual_value.baselines import (
-    BASELINES,
-    BaselineResult,
-    Comparison,
-    Difference,
-    compare,
-    solve_baseline,
-    solve_baselines,
-)
-from maskscope.mutual_value.model import Game, load_game, parse_game
-from maskscope.mutual_value.solver import (
-    SETTLED,
-    Definition,
-    MutualValueResult,
-    PerUnit,
-    RoundTrip,
-    Status,
-    round_trip,
-    solve,
-)
-from maskscope.mutual_value.space import TIE_RULES, StateSpace, build_space
-from maskscope.mutual_value.sweep import (
-    STARTS,
-    FixedPoint,
-    FixedPointSearch,
-    TieSpread,
-    fixed_points,
-    sweep_rules,
-    tie_spread,
-)
-
-
-@dataclass
-class Analysis:
-    """A game solved by the mutual-value planner and the three baselines, with the comparisons, the
-    planner under every tie rule of the sweep, and every fixed point found."""
-
-    game: Game
-    space: StateSpace
-    result: MutualValueResult
-    baselines: list[BaselineResult]
-    comparisons: list[Comparison]
-    ties: TieSpread
-    fixed_points: FixedPointSearch
+# Public names and the module defining each: imported on first use, so that `maskscope --help` and the other
+# commands do not pay for numpy, scipy and the solver.
+_WHERE = {
+    "BASELINES": "baselines",
+    "SETTLED": "solver",
+    "STARTS": "sweep",
+    "TIE_RULES": "space",
+    "Analysis": "analysis",
+    "BaselineResult": "baselines",
+    "Comparison": "baselines",
+    "Definition": "solver",
+    "Difference": "baselines",
+    "FixedPoint": "sweep",
+    "FixedPointSearch": "sweep",
+    "Game": "model",
+    "MutualValueResult": "solver",
+    "PerUnit": "solver",
+    "RoundTrip": "solver",
+    "StateSpace": "space",
+    "Status": "solver",
+    "TieSpread": "sweep",
+    "analyse": "analysis",
+    "build_space": "space",
+    "compare": "baselines",
+    "fixed_points": "sweep",
+    "load_game": "model",
+    "parse_game": "model",
+    "round_trip": "solver",
+    "solve": "solver",
+    "solve_baseline": "baselines",
+    "solve_baselines": "baselines",
+    "sweep_rules": "sweep",
+    "tie_spread": "sweep",
+}
 
 
-def analyse(
-    game: Game | Path | str,
-    gamma: float | None = None,
-    definition: Definition | str = Definition.INTRINSIC,
-    intrinsic: tuple[float, float] = (1.0, 1.0),
-    per_unit: PerUnit | str = PerUnit.MARGINAL,
-    ties: str = "even",
-    random_orders: int = 3,
-    damping: float = 0.5,
-    max_iterations: int = 200,
-) -> Analysis:
-    """Solve a game (or a game file) with the planner under tie rule ``ties`` and with the baselines,
-    compare their choices, and measure how the answer depends on the tie rule (even, first, last and
-    ``random_orders`` seeded random orders) and on the starting point (every fixed point found)."""
-    g = game if isinstance(game, Game) else load_game(game)
-    if gamma is not None:
-        g = g.with_gamma(gamma)
-    space = build_space(g)
-    settings = {
-        "definition": definition,
-        "intrinsic": intrinsic,
-        "per_unit": per_unit,
-        "damping": damping,
-        "max_iterations": max_iterations,
-    }
-    result = solve(space, ties=ties, **settings)  # type: ignore[arg-type]
-    rules = list(dict.fromkeys([*sweep_rules(random_orders), result.ties]))
-    spread = tie_spread(space, rules, done={result.ties: result}, **settings)
-    done = {(rule, STARTS[0], True): r for rule, r in spread.results.items()}
-    search = fixed_points(space, rules, done=done, **settings)
-    bases = solve_baselines(space)
-    return Analysis(g, space, result, bases, [compare(result, b) for b in bases], spread, search)
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"maskscope.mutual_value.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maskscope.mutual_value' has no attribute {name!r}")
 
 
-__all__ = [
-    "BASELINES",
-    "SETTLED",
-    "STARTS",
-    "TIE_RULES",
-    "Analysis",
-    "BaselineResult",
-    "Comparison",
-    "Definition",
-    "Difference",
-    "FixedPoint",
-    "FixedPointSearch",
-    "Game",
-    "MutualValueResult",
-    "PerUnit",
-    "RoundTrip",
-    "StateSpace",
-    "Status",
-    "TieSpread",
-    "analyse",
-    "build_space",
-    "compare",
-    "fixed_points",
-    "load_game",
-    "parse_game",
-    "round_trip",
-    "solve",
-    "solve_baseline",
-    "solve_baselines",
-    "sweep_rules",
-    "tie_spread",
-]
+__all__ = sorted(_WHERE)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from maskscope.errors import UserError
-from maskscope.mutual_value import Analysis, Definition, PerUnit, analyse
-from maskscope.mutual_value.space import check_tie_rule
+from maskscope.mutual_value.readings import Definition, PerUnit
+
+if TYPE_CHECKING:
+    from maskscope.mutual_value.analysis import Analysis
 
 MAX_ROWS = 40
 MAX_DIFF_ROWS = 12
@@ -189,6 +191,9 @@ def mutual_value_command(
     ] = 200,
 ) -> None:
     """Solve GAME with the mutual-value planner, compare it with the boring baselines, and draw the tree."""
+    from maskscope.mutual_value.analysis import analyse
+    from maskscope.mutual_value.space import check_tie_rule
+
     if not 0 < damping <= 1:
         raise UserError(f"--damping must be in (0, 1], got {damping:g}")
     if max_iterations < 1:

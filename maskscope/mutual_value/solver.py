@@ -27,22 +27,8 @@ from enum import StrEnum
 import numpy as np
 
 from maskscope.errors import UserError
+from maskscope.mutual_value.readings import Definition, PerUnit
 from maskscope.mutual_value.space import StateSpace, check_tie_rule
-
-
-class Definition(StrEnum):
-    """Which reading of the definition is solved."""
-
-    INTRINSIC = "intrinsic"
-    EXCHANGE = "exchange"
-    LITERAL = "literal"
-
-
-class PerUnit(StrEnum):
-    """How the per-unit rates a, b (and so the marginal values) are measured at the start."""
-
-    MARGINAL = "marginal"
-    AVERAGE = "average"
 
 
 class Status(StrEnum):
