@@ -24,6 +24,23 @@ cache_app = typer.Typer(
     no_args_is_help=True, help="Inspect the store: what is cached, and why a call was not."
 )
 app.add_typer(cache_app, name="cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from maskscope import __version__
+
+        print(f"maskscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Measure what a language model does behind the persona it wears."""
 out = Console()
 
 ModelOpt = Annotated[

@@ -178,3 +178,10 @@ def test_the_worked_example_of_a_new_experiment_runs(tiny, tmp_path: Path, monke
     summary["rows"][0]["prompt"] = "<script>alert(1)</script>"
     html = env.get_template("first_words.html").render(s=summary, spec_yaml="", version="x")
     assert "<!doctype html>" in html and "&lt;script&gt;" in html and "<script>" not in html
+
+
+def test_version_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "maskscope.cli", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"maskscope {ms.__version__}"
