@@ -42,7 +42,8 @@ def wilson_mean(mean: float, n: int, confidence: float = 0.95) -> tuple[float, f
     p = min(max(mean, 0.0), 1.0)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p exactly (rounding put 1.4e-17 above a mean of 0, and plots drew negative bars)
+    return min(max(0.0, centre - half), p), max(min(1.0, centre + half), p)
 
 
 def share_ci(flags: Sequence[bool | None], unit: str = "items", confidence: float = 0.95) -> dict[str, Any]:

@@ -34,6 +34,12 @@ PANELS = (
 )  # fmt: skip
 
 
+def _err(mean: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Error-bar lengths below and above; never negative (a bootstrap interval need not hold the pooled
+    share it is drawn beside)."""
+    return np.clip(np.vstack([mean - lo, hi - mean]), 0.0, None)
+
+
 def _series(curve: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean = np.array([np.nan if c["mean"] is None else c["mean"] for c in curve], dtype=float)
     lo = np.array([np.nan if not c.get("ci95") else c["ci95"][0] for c in curve], dtype=float)
@@ -48,7 +54,7 @@ def _line(ax: Any, grid: np.ndarray, curve: list[dict[str, Any]], label: str, co
         return
     if ok.sum() <= 2 and kw.get("points"):
         ax.errorbar(
-            grid[ok], mean[ok], yerr=np.vstack([mean[ok] - lo[ok], hi[ok] - mean[ok]]), fmt="s",
+            grid[ok], mean[ok], yerr=_err(mean[ok], lo[ok], hi[ok]), fmt="s",
             color=color, capsize=3, label=label,
         )  # fmt: skip
         return
@@ -140,9 +146,7 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         rows = [task["by_mask"][m["name"]] for m in masks]
         acc = [r["sampled"]["accuracy"] for r in rows]
         rate = np.array([a["rate"] if a["rate"] is not None else np.nan for a in acc])
-        err = np.vstack(
-            [rate - np.array([a["ci95"][0] for a in acc]), np.array([a["ci95"][1] for a in acc]) - rate]
-        )
+        err = _err(rate, np.array([a["ci95"][0] for a in acc]), np.array([a["ci95"][1] for a in acc]))
         kind = "greedy" if summary["spec"]["temperature"] == 0 else "sampled"
         ax.bar(
             x - width / 2, rate, width, yerr=err, capsize=3, color="#2e86c1", label=f"replies right ({kind})"
@@ -155,7 +159,7 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             x + width / 2,
             mean,
             width,
-            yerr=np.vstack([mean - lo, hi - mean]),
+            yerr=_err(mean, lo, hi),
             capsize=3,
             color="#c0392b",
             label="P(right answer), direct (exact)",
@@ -200,7 +204,7 @@ def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     mean = np.array([v["mean"] for v in p], dtype=float)
     lo = np.array([v["ci95"][0] if v.get("ci95") else np.nan for v in p])
     hi = np.array([v["ci95"][1] if v.get("ci95") else np.nan for v in p])
-    ax.bar(x, mean, 0.6, yerr=np.vstack([mean - lo, hi - mean]), capsize=3, color="#8e44ad")
+    ax.bar(x, mean, 0.6, yerr=_err(mean, lo, hi), capsize=3, color="#8e44ad")
     ax.set_xticks(x, [q["name"] for q in prefills], rotation=20, ha="right")
     ax.set_ylabel("mean exact P(next words are a marker)")
     positive = mean[np.isfinite(mean) & (mean > 0)]
@@ -215,9 +219,7 @@ def prefill_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     for k, cat in enumerate(cats):
         stats = [summary["by_prefill"][q["name"]]["sampled"]["categories"][cat] for q in prefills]
         rate = np.array([s["rate"] if s["rate"] is not None else np.nan for s in stats])
-        err = np.vstack(
-            [rate - np.array([s["ci95"][0] for s in stats]), np.array([s["ci95"][1] for s in stats]) - rate]
-        )
+        err = _err(rate, np.array([s["ci95"][0] for s in stats]), np.array([s["ci95"][1] for s in stats]))
         ax.bar(
             x + (k - (len(cats) - 1) / 2) * width,
             rate,
