@@ -126,3 +126,14 @@ def test_holm_controls_the_family():
     # 30 cells each at p = 0.02 would each be flagged at 5% uncorrected; Holm flags none
     assert not any(holm([0.02] * 30))
     assert holm([0.001] * 30) == [True] * 30
+
+
+def test_intervals_hold_their_estimate_exactly():
+    """A share of 0 (or 1) from items that do not differ: the bound at the estimate is the estimate itself,
+    not a rounding error beside it (which made a plot refuse a negative error bar)."""
+    from maskscope.stats import wilson_mean
+
+    for n in (3, 24, 240):
+        assert wilson_mean(0.0, n)[0] == 0.0 and wilson_mean(1.0, n)[1] == 1.0
+        lo, hi = wilson_mean(0.25, n)
+        assert lo <= 0.25 <= hi
