@@ -73,6 +73,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         precision: str = "fp32",
         token_budget: int = 8192,
         max_batch: int = 64,
+        adapter: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -82,6 +83,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         )
         self.name = name
         self.weights_digest = weights_digest
+        self.adapter = adapter  # the hash of a LoRA adapter merged into the weights, if any
         self.precision = precision
         self.token_budget = token_budget
         self.max_batch = max_batch
@@ -99,7 +101,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "precision": self.precision,
             "chat_template": self.template_digest(),
-            "adapter": None,
+            "adapter": self.adapter,
             "steering": None,
         }
 

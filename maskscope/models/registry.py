@@ -1,4 +1,5 @@
-"""Model names to models: "default" (the bundled model), "hf:DIR", "gguf:FILE"."""
+"""Model names to models: "default" (the bundled model), "hf:DIR", "gguf:FILE", "openai:URL#MODEL", and any
+local one followed by "+lora:DIR" (a fine-tuned child, its adapter merged into the parent's weights)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ SCHEMES = {
     "hf:DIR": "a local transformers model directory",
     "gguf:FILE": "a local GGUF file, dequantized through transformers and cached",
     "openai:URL#MODEL": "a model on an OpenAI-compatible server (vLLM, llama.cpp); see docs/servers.md",
+    "NAME+lora:DIR": "a LoRA child made by `maskscope finetune` on a local parent; see docs/organisms.md",
 }
+LORA = "+lora:"
 
 
 def load_model(
@@ -25,6 +28,16 @@ def load_model(
 
     if server is not None and not name.startswith("openai:"):
         raise UserError(f"server options apply only to openai:URL#MODEL models, not {name!r}")
+    if LORA in name:
+        parent, *adapters = name.split(LORA)
+        if parent.startswith("openai:"):
+            raise UserError(
+                "a LoRA adapter loads onto a local model (default, hf:DIR, gguf:FILE), not a server"
+            )
+        if not all(adapters):
+            raise UserError(f"{name!r}: '+lora:' must be followed by an adapter directory")
+        model = load_model(parent, precision="fp32", progress=progress)
+        return loading.load_adapters(model, [Path(a).expanduser() for a in adapters], precision=precision)
     if name in ("default", "bundled", loading.BUNDLED_NAME):
         return loading.load_bundled(precision=precision, progress=progress)
     scheme, sep, rest = name.partition(":")
