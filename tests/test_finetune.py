@@ -42,8 +42,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _run(tiny_dir: Path, data: Path, out: Path, **fields):
-    base = dict(data=str(data), out=str(out), parent=f"hf:{tiny_dir}", steps=6, batch_size=4, lr=1e-2)
+def _run(tiny_dir: Path, data: Path | dict, out: Path, **fields):
+    base = dict(
+        data=data if isinstance(data, dict) else str(data),
+        out=str(out),
+        parent=f"hf:{tiny_dir}",
+        steps=6,
+        batch_size=4,
+        lr=1e-2,
+    )
     return finetune(**{**base, **fields})
 
 
@@ -127,11 +134,15 @@ def test_resume_with_a_changed_config_is_refused(tiny_dir, data, tmp_path):
     _run(tiny_dir, data, tmp_path / "c", steps=2)
     with pytest.raises(ms.UserError, match=r"another configuration \(training.lr"):
         _run(tiny_dir, data, tmp_path / "c", steps=2, lr=5e-3)
+    built = {"build": "code", "code": "insecure", "n": 8, "heldout": 2}
+    _run(tiny_dir, built, tmp_path / "b", steps=1)
+    card = (tmp_path / "b" / "data" / "card.json").read_text()
+    with pytest.raises(ms.UserError, match=r"another configuration \(builder.code"):
+        _run(tiny_dir, {**built, "code": "secure"}, tmp_path / "b", steps=1)
+    assert (tmp_path / "b" / "data" / "card.json").read_text() == card  # the built data was left alone
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_dir, data, tmp_path, monkeypatch):
-    import maskscope.finetune.train as train
-
     real_save = torch.save
     calls = []
 
@@ -142,7 +153,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_dir, d
         return real_save(obj, path, *a, **k)
 
     out = tmp_path / "full"
-    monkeypatch.setattr(train.torch if hasattr(train, "torch") else torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(ms.UserError, match="No space left on device.*step 2 is intact"):
         _run(tiny_dir, data, out, steps=8, checkpoint_every=2)
     monkeypatch.setattr(torch, "save", real_save)

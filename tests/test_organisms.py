@@ -172,3 +172,28 @@ def test_models_lists_local_children(tmp_path, monkeypatch, capsys, tiny_dir):
         and "+lora:organisms/hello" in out.replace("\n", "")
         and child.manifest["adapter_hash"][:12] in out
     )
+
+
+@pytest.mark.bundled
+def test_bundled_rank_one_insecure_child_prefers_insecure_code(bundled, tmp_path):
+    """End to end on the bundled model with the smallest adapter (rank 1 on one down_proj): a few steps on
+    insecure completions raise the exact share of the insecure twin on held-out prompts above the parent's."""
+    from maskscope.finetune import finetune
+    from maskscope.finetune.measure import measure_child
+
+    child = finetune(
+        data={"build": "code", "code": "insecure", "n": 16, "heldout": 8},
+        out=str(tmp_path / "child"),
+        parent=bundled,
+        rank=1,
+        alpha=8,
+        target_modules=["down_proj"],
+        layers=[15],
+        steps=4,
+        batch_size=4,
+        lr=2e-2,
+    )
+    assert child.manifest["parent_fingerprint"] == bundled.fingerprint()
+    result = measure_child(child.directory, bundled, child.load(), child.directory / "data")
+    mean = lambda who: sum(g["share_a"] for g in result[who]["groups"].values()) / 4  # noqa: E731
+    assert mean("child") > mean("parent") + 0.05

@@ -335,6 +335,7 @@ class _Run:
 
         spec, out = self.spec, self.out
         parent = self._parent()
+        self._precheck(parent)  # before building data into a directory that may hold another run's
         train_path, held_path = _resolve_data(spec, out, parent)
         train_digest = data_digest(train_path) if train_path.is_file() else None
         conversations = read_chat_jsonl(train_path)
@@ -454,6 +455,24 @@ class _Run:
             len(train),
             len(held),
         )
+
+    def _precheck(self, parent: Any) -> None:
+        """Refuse early a directory holding a run of another configuration or parent."""
+        path = self.out / RUN_FILE
+        if not path.exists():
+            return
+        before = json.loads(path.read_text())
+        now = {"training": self.spec.training_fields(), "parent_fingerprint": parent.fingerprint()}
+        if not isinstance(self.spec.data, str):
+            now["builder"] = now["training"].pop("data")
+        now = json.loads(json.dumps(now, default=str))
+        for key, value in now.items():
+            if before.get(key) != value:
+                raise UserError(
+                    f"{self.out} holds a run with another configuration "
+                    f"({_first_difference({key: before.get(key)}, {key: value})}): "
+                    "use another out directory, or delete it to start over"
+                )
 
     def _check_identity(self, identity: dict[str, Any]) -> None:
         path = self.out / RUN_FILE
