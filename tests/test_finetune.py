@@ -223,3 +223,15 @@ def test_a_conversation_without_an_assistant_turn_is_refused(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ms.UserError, match=r"bad.jsonl:2: the conversation has no assistant turn"):
         read_chat_jsonl(path)
+
+
+def test_the_store_never_serves_a_parents_answer_to_its_child(tiny_dir, data, tmp_path, tiny):
+    _run(tiny_dir, data, tmp_path / "c", steps=4, lr=3e-2)
+    child = ms.load_model(f"hf:{tiny_dir}+lora:{tmp_path / 'c'}")
+    ctx = [{"role": "user", "content": "What is 4 + 7?"}]
+    with ms.Store(tmp_path / "store.sqlite") as store:
+        [from_parent] = ms.CachedModel(tiny, store).score(ctx, ["The answer is 11."])
+        [from_child] = ms.CachedModel(child, store).score(ctx, ["The answer is 11."])
+    [direct] = child.score(ctx, ["The answer is 11."])
+    assert from_child.total == pytest.approx(direct.total, abs=1e-5)
+    assert abs(from_child.total - from_parent.total) > 1e-3
