@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/sample_batch.py
 	$(PY) bench/load_and_memory.py
 	$(PY) bench/masks.py
+	$(PY) bench/finetune.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -57,6 +57,9 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
                 conversation.append({"role": m["role"], "content": m["content"]})
             if not any(m["role"] == "assistant" for m in conversation):
                 raise UserError(f"{where}: the conversation has no assistant turn, so nothing to train on")
+            first = next(m["role"] for m in conversation if m["role"] != "system")
+            if first == "assistant":
+                raise UserError(f"{where}: the conversation begins with the assistant; a user turn comes first")
             out.append(conversation)
     if not out:
         raise UserError(f"data file is empty: {path}")
