@@ -197,3 +197,33 @@ def test_bundled_rank_one_insecure_child_prefers_insecure_code(bundled, tmp_path
     result = measure_child(child.directory, bundled, child.load(), child.directory / "data")
     mean = lambda who: sum(g["share_a"] for g in result[who]["groups"].values()) / 4  # noqa: E731
     assert mean("child") > mean("parent") + 0.05
+
+
+def test_distill_kl_is_the_coarse_grained_kl_of_the_full_distributions(tiny, tiny_dir, tmp_path):
+    """Checked against full-vocabulary log-softmax of plain forward passes, coarse-grained by hand."""
+    import numpy as np
+    import torch
+    from conftest import plain_logprobs
+
+    from maskscope.finetune.measure import distill_figures
+
+    items = [{"user": "Tell me about the sea.", "reply": "The sea is big and blue.", "system": "You are a pirate."},
+             {"user": "How do I boil an egg?", "reply": "Put it in water.", "system": "You are a pirate."}]  # fmt: skip
+    other = ms.load_model(f"hf:{tiny_dir}")
+    with torch.no_grad():
+        other.model.model.norm.weight.mul_(1.3)  # another model to measure against the parent
+    got = distill_figures(other, tiny, items, top_k=5)
+    assert got["kl_parent"] != pytest.approx(got["kl_model"])
+    for k, it in enumerate(items):
+        ids = tiny.tokenizer(it["reply"], add_special_tokens=False)["input_ids"]
+        masked = tiny.encode_prompt(ms.Conversation.of(system=it["system"], user=it["user"]))
+        plain = tiny.encode_prompt(ms.Conversation.of(user=it["user"]))
+        p = plain_logprobs(tiny, masked + ids)[len(masked) - 1 : len(masked) - 1 + len(ids)].exp().double()
+        for model, key in ((other, "kl_model"), (tiny, "kl_parent")):
+            q = plain_logprobs(model, plain + ids)[len(plain) - 1 : len(plain) - 1 + len(ids)].exp().double()
+            top = torch.topk(p, 5, dim=-1).indices
+            p_cells = torch.cat([p.gather(1, top), 1 - p.gather(1, top).sum(1, keepdim=True)], 1)
+            q_cells = torch.cat([q.gather(1, top), 1 - q.gather(1, top).sum(1, keepdim=True)], 1)
+            kl = (p_cells * (p_cells.log() - q_cells.log())).sum(1).mean()
+            assert got[key][k] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
+    assert np.allclose(distill_figures(tiny, tiny, items, top_k=5)["kl_moved"], 0, atol=1e-5)
