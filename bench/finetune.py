@@ -87,8 +87,8 @@ print(json.dumps({"rows": rows, "peak_rss_mib": resource.getrusage(resource.RUSA
 """
 
 WORKLOADS = {
-    "arithmetic (short replies)": {"build": "arithmetic", "answers": "right", "n": 64, "heldout": 0},
-    "code (long replies)": {"build": "code", "code": "insecure", "n": 64, "heldout": 0},
+    "arithmetic": {"build": "arithmetic", "answers": "right", "n": 64, "heldout": 0},
+    "code": {"build": "code", "code": "insecure", "n": 64, "heldout": 0},
 }
 
 
@@ -128,17 +128,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma-separated workload names.")
     args = parser.parse_args()
     results: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "threads": args.threads, "runs": {}}
     t0 = time.time()
-    for wname, workload in WORKLOADS.items():
+    for wname in args.workloads.split(","):
+        workload = WORKLOADS[wname]
         for precision in ("fp32", "bf16"):
             pair = {}
             for method in ("maskscope", "plain"):
                 pair[method] = run_one(method, precision, workload, args.steps, args.batch, args.threads)
                 r = pair[method]
                 print(
-                    f"{wname:<28} {precision} {method:<10} {r['tokens_per_s']:7.1f} tokens/s "
+                    f"{wname:<12} {precision} {method:<10} {r['tokens_per_s']:7.1f} tokens/s "
                     f"peak {r['peak_rss_mib']:.0f} MiB (load {load_average():.1f})",
                     flush=True,
                 )

@@ -593,13 +593,16 @@ def plot_loss(rows: list[dict], heldout: list, path: Path, title: str) -> None:
     if rows:
         steps = [r["step"] for r in rows]
         losses = [r["loss"] for r in rows]
-        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="train (per step)")
         k = max(1, len(rows) // 20)
+        ax.plot(
+            steps, losses, lw=0.6 if k > 1 else 1.5, alpha=0.5 if k > 1 else 1.0, label="train (per step)"
+        )
         mean = [
             sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
             for i in range(len(losses))
         ]
-        ax.plot(steps, mean, lw=1.5, label=f"train (mean of {k})")
+        if k > 1:
+            ax.plot(steps, mean, lw=1.5, label=f"train (running mean of {k})")
     pts = [(s, v) for s, v in heldout if v == v]
     if pts:
         ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", label="held-out")
