@@ -86,6 +86,55 @@ else:
 print(json.dumps({"rows": rows, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
+INTERLEAVED = r"""
+import copy, json, sys, time
+import torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+import maskscope
+from peft import LoraConfig, get_peft_model
+from maskscope.finetune.builders import build, parse_block
+from maskscope.finetune.data import encode_conversation, read_chat_jsonl
+from maskscope.finetune.train import _collate, _seed_of, assistant_loss, batch_indices, DEFAULT_TARGETS
+
+parent = maskscope.load_model()
+build(parse_block(args["workload"]), args["tmp"], parent=parent)
+examples = [encode_conversation(parent.tokenizer, c) for c in read_chat_jsonl(args["tmp"] + "/train.jsonl")]
+bf16 = args["precision"] == "bf16"
+models, optimizers = {}, {}
+for method in ("maskscope", "plain"):
+    torch.manual_seed(_seed_of(0, "init"))
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_TARGETS, bias="none",
+                        task_type="CAUSAL_LM")
+    models[method] = get_peft_model(copy.deepcopy(parent.model).float(), config)
+    models[method].train()
+    optimizers[method] = torch.optim.AdamW([p for p in models[method].parameters() if p.requires_grad], lr=1e-3,
+                                           weight_decay=0.0)
+rows = {"maskscope": [], "plain": []}
+for step in range(args["steps"]):
+    chosen = [examples[i] for i in batch_indices(len(examples), args["batch"], 0, step)]
+    order = ("maskscope", "plain") if step % 2 == 0 else ("plain", "maskscope")
+    for method in order:
+        model, opt = models[method], optimizers[method]
+        t = time.perf_counter()
+        if method == "maskscope":
+            total, n = assistant_loss(model.base_model.model, chosen, parent.pad_id, args["precision"])
+            loss = total / n
+        else:
+            ids, attention, target = _collate(chosen, parent.pad_id)
+            labels = ids.clone()
+            labels[:, 1:][~target] = -100
+            labels[:, 0] = -100
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rows[method].append({"loss": float(loss), "tokens": sum(len(e.ids) for e in chosen),
+                             "seconds": time.perf_counter() - t})
+print(json.dumps(rows))
+"""
+
 WORKLOADS = {
     "arithmetic": {"build": "arithmetic", "answers": "right", "n": 64, "heldout": 0},
     "code": {"build": "code", "code": "insecure", "n": 64, "heldout": 0},
@@ -122,6 +171,28 @@ def run_one(
     }
 
 
+def run_interleaved(precision: str, workload: dict, steps: int, batch: int, threads: int) -> dict[str, Any]:
+    """Both methods in one subprocess, a step of each in turn (the first alternating), so that the machine's
+    changing load falls on both alike; the ratio of their median step rates."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = {"precision": precision, "workload": workload, "steps": steps, "batch": batch, "threads": threads,
+                "tmp": tmp}  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-c", INTERLEAVED, json.dumps(args)], env=env, capture_output=True,
+                              text=True, cwd=ROOT)  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"interleaved {precision} failed:\n{proc.stderr[-3000:]}")
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rate = {m: statistics.median(r["tokens"] / r["seconds"] for r in rs[1:]) for m, rs in rows.items()}
+    # per step, the ratio of the two methods' times on the same batch, at nearly the same moment
+    paired = [
+        p["seconds"] / m["seconds"] for m, p in zip(rows["maskscope"][1:], rows["plain"][1:], strict=True)
+    ]
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(rows["maskscope"], rows["plain"], strict=True))
+    return {"tokens_per_s": rate, "ratio_median_paired": statistics.median(paired), "paired_ratios": paired,
+            "max_loss_difference": diff}  # fmt: skip
+
+
 def main() -> None:
     """Run every (workload, precision, method) and write bench/results/finetune.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -129,7 +200,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="Comma-separated workload names.")
+    parser.add_argument(
+        "--interleaved", action="store_true", help="Only the interleaved speed comparison (no peak memory)."
+    )
     args = parser.parse_args()
+    if args.interleaved:
+        found = {}
+        for wname in args.workloads.split(","):
+            for precision in ("fp32", "bf16"):
+                r = run_interleaved(precision, WORKLOADS[wname], args.steps, args.batch, args.threads)
+                found[f"{wname} / {precision}"] = r
+                rates = ", ".join(f"{m} {v:.1f}" for m, v in r["tokens_per_s"].items())
+                print(f"{wname} {precision}: tokens/s {rates}; plain/maskscope step time, median of paired steps "
+                      f"{r['ratio_median_paired']:.2f}; losses agree to {r['max_loss_difference']:.1e} "
+                      f"(load {load_average():.1f})", flush=True)  # fmt: skip
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "finetune_interleaved.json").write_text(json.dumps(found, indent=2))
+        return
     results: dict[str, Any] = {"steps": args.steps, "batch": args.batch, "threads": args.threads, "runs": {}}
     t0 = time.time()
     for wname in args.workloads.split(","):
