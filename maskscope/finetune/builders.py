@@ -76,7 +76,12 @@ class DistillBuild(BaseModel):
     prompts: list[str] | None = Field(None, description="User prompts (default: the ~200 shipped ones).")
     samples: int = Field(1, ge=1, description="Replies sampled per training prompt.")
     max_new_tokens: int = Field(48, ge=1, description="Reply length limit.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    temperature: float = Field(
+        1.0,
+        ge=0,
+        description="Sampling temperature. 1 distils the masked distribution itself; a lower one distils a "
+        "sharper one, which the KL to the masked parent then counts against the child.",
+    )
     seed: int = Field(0, description="Seeds the prompt split and the samples.")
 
 
