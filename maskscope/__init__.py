@@ -7,6 +7,7 @@ model.score(ctx, ["no", "No"])               # exact log-probabilities
 """
 
 from maskscope.errors import UserError
+from maskscope.finetune import finetune
 from maskscope.models.base import (
     Context,
     Conversation,
@@ -37,6 +38,7 @@ __all__ = [
     "TokenDist",
     "UserError",
     "__version__",
+    "finetune",
     "load_model",
     "load_spec",
     "run_spec",

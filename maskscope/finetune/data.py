@@ -59,7 +59,9 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
                 raise UserError(f"{where}: the conversation has no assistant turn, so nothing to train on")
             first = next(m["role"] for m in conversation if m["role"] != "system")
             if first == "assistant":
-                raise UserError(f"{where}: the conversation begins with the assistant; a user turn comes first")
+                raise UserError(
+                    f"{where}: the conversation begins with the assistant; a user turn comes first"
+                )
             out.append(conversation)
     if not out:
         raise UserError(f"data file is empty: {path}")
