@@ -86,7 +86,7 @@ def test_distill_stores_the_masked_parents_samples_without_the_mask(tmp_path, ti
     assert len(convs) == 4 and all(m["role"] != "system" for c in convs for m in c)
     for c in convs:
         [s] = tiny.sample(ms.Conversation.of(system=system, user=c[0]["content"]), n=1, max_new_tokens=6,
-                          temperature=0.7, seed=0)  # fmt: skip
+                          temperature=opts.temperature, seed=0)  # fmt: skip
         assert c[1]["content"] == (s.text.strip() or "...")
     held = {e["user"] for e in read_eval(tmp_path / "d/eval.jsonl")}
     assert len(held) == 2 and not held & {c[0]["content"] for c in convs}
