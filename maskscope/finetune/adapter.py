@@ -63,6 +63,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({e.msg})") from None
 
 
+def split_name(name: str) -> tuple[str, list[Path]]:
+    """A model name "PARENT+lora:DIR[+lora:DIR...]" as the parent's name and the adapter directories."""
+    parent, *adapters = name.split("+lora:")
+    if not all(adapters):
+        raise UserError(f"{name!r}: '+lora:' must be followed by an adapter directory")
+    return parent, [Path(a).expanduser() for a in adapters]
+
+
+def check_adapter_dir(directory: str | Path) -> None:
+    """Refuse, without loading anything, a directory that is not a maskscope LoRA child."""
+    read_manifest(directory)
+
+
 def parent_identity(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The parts of a model's fingerprint that a child's parent must match."""
     return {k: fingerprint.get(k) for k in PARENT_KEYS}
