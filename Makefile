@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/sample_batch.py
 	$(PY) bench/load_and_memory.py
 	$(PY) bench/masks.py
+	$(PY) bench/finetune.py
 
 clean:
 	rm -rf $(VENV) runs

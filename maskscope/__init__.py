@@ -15,6 +15,7 @@ import importlib
 from typing import Any
 
 from maskscope.errors import UserError
+from maskscope.finetune import finetune
 from maskscope.models.base import (
     Candidate,
     Capability,
@@ -70,6 +71,7 @@ __all__ = [
     "TokenDist",
     "UserError",
     "__version__",
+    "finetune",
     "load_model",
     "load_spec",
     "run_spec",

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maskscope.errors import UserError
+from maskscope.finetune.cli import finetune_command, organism_app, print_children
 from maskscope.mutual_value.cli import mutual_value_command
 
 app = typer.Typer(
@@ -175,6 +176,7 @@ def models(
     except UserError as e:
         out.print(f"bundled model: {e}")
     out.print(f"cache directory: {cache_dir()}")
+    print_children()
 
 
 @app.command()
@@ -372,6 +374,8 @@ def cache_runs(
 
 
 app.command("mutual-value")(mutual_value_command)
+app.command("finetune")(finetune_command)
+app.add_typer(organism_app, name="organism")
 
 
 def one_line(message: str) -> str:

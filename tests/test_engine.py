@@ -117,8 +117,17 @@ def test_cached_model_refuses_calls_it_does_not_cache(tiny, tmp_path: Path):
 def test_capabilities_are_typed_and_checked(tiny):
     require(tiny, Capability.CUTS, "x")
     require(tiny, "score", "x")  # the strings of earlier versions still work
-    with pytest.raises(UserError, match="needs 'adapters'"):
-        require(tiny, Capability.ADAPTERS, "the organism experiment")
+    require(tiny, Capability.ADAPTERS, "x")
+
+    class Server:  # a backend that says what it lacks, and why
+        name = "server"
+        capabilities = frozenset({Capability.SAMPLE})
+
+        def missing_capabilities(self) -> dict[str, str]:
+            return {"activations": "servers do not expose activations"}
+
+    with pytest.raises(UserError, match="needs 'activations'.*servers do not expose activations"):
+        require(Server(), Capability.ACTIVATIONS, "the directions experiment")
 
     class Liar:  # advertises scoring without implementing it
         name = "liar"

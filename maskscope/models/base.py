@@ -428,7 +428,8 @@ class Steering(Protocol):
 
 @runtime_checkable
 class Adapters(Protocol):
-    """Fine-tuned adapters on a parent model (a slot: children load as models of their own)."""
+    """Fine-tuned adapters on a parent model: a child (NAME+lora:DIR) loads as a model of its own, the adapter
+    merged into the parent's weights; `adapter` is its hash (None for a parent)."""
 
     adapter: str | None
 

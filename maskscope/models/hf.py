@@ -205,6 +205,7 @@ class HFModel(ChatTokenizer, ModelAPI):
             Capability.CUTS,
             Capability.ACTIVATIONS,
             Capability.STEERING,
+            Capability.ADAPTERS,  # NAME+lora:DIR loads a child, merged, its hash in the fingerprint
         }
     )
 
@@ -228,7 +229,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         )
         self.name = name
         self.weights_digest = weights_digest
-        self.adapter = adapter
+        self.adapter = adapter  # the hash of a LoRA adapter merged into the weights, if any
         self.precision = precision
         self.token_budget = token_budget
         self.max_batch = max_batch

@@ -222,6 +222,19 @@ def load_bundled(*, precision: str = "fp32", progress: Any = None) -> Any:
     return load_gguf(bundled_gguf_path(), name=BUNDLED_NAME, precision=precision, progress=progress)
 
 
+def load_adapters(parent: Any, directories: list[Path], *, precision: str = "fp32") -> Any:
+    """`parent` (an fp32 HFModel, consumed) with each LoRA adapter merged into its weights in turn; each
+    adapter must have been trained on the model it is applied to. The result's fingerprint carries the
+    adapters' hash."""
+    from maskscope.finetune.adapter import apply_adapter
+
+    model = parent
+    for i, directory in enumerate(directories):
+        last = i == len(directories) - 1
+        model = apply_adapter(model, directory, precision=precision if last else "fp32")
+    return model
+
+
 def load_tokenizer(name: str) -> Any:
     """The chat side (tokenizer and template) of a model, without its weights: "default" (the bundled
     model), "hf:DIR" or "gguf:FILE". Used by backends that render prompts locally for a remote model."""
@@ -230,6 +243,7 @@ def load_tokenizer(name: str) -> Any:
     from maskscope.models.chat import ChatTokenizer
 
     _quiet(transformers)
+    name = name.split("+lora:")[0]  # an adapter does not change the tokenizer
     scheme, sep, rest = name.partition(":")
     if name in ("default", "bundled", BUNDLED_NAME):
         directory, _ = dequantized_dir(bundled_gguf_path())

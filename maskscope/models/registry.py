@@ -1,4 +1,5 @@
-"""Model names to models: "default" (the bundled model), "hf:DIR", "gguf:FILE", "openai:URL#MODEL"."""
+"""Model names to models: "default" (the bundled model), "hf:DIR", "gguf:FILE", "openai:URL#MODEL", and any
+local one followed by "+lora:DIR" (a fine-tuned child, its adapter merged into the parent's weights)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ SCHEMES = {
     "hf:DIR": "a local transformers model directory",
     "gguf:FILE": "a local GGUF file, dequantized through transformers and cached",
     "openai:URL#MODEL": "a model on an OpenAI-compatible server (vLLM, llama.cpp); see docs/servers.md",
+    "NAME+lora:DIR": "a LoRA child made by `maskscope finetune` on a local parent; see docs/organisms.md",
 }
+LORA = "+lora:"
 
 
 def load_model(
@@ -31,6 +34,16 @@ def load_model(
 
     if server is not None and not name.startswith("openai:"):
         raise UserError(f"server options apply only to openai:URL#MODEL models, not {name!r}")
+    if LORA in name:
+        parent, *adapters = name.split(LORA)
+        if parent.startswith("openai:"):
+            raise UserError(
+                "a LoRA adapter loads onto a local model (default, hf:DIR, gguf:FILE), not a server"
+            )
+        if not all(adapters):
+            raise UserError(f"{name!r}: '+lora:' must be followed by an adapter directory")
+        model = load_model(parent, precision="fp32", progress=progress)
+        return loading.load_adapters(model, [Path(a).expanduser() for a in adapters], precision=precision)
     if name in ("default", "bundled", loading.BUNDLED_NAME):
         return loading.load_bundled(precision=precision, progress=progress)
     scheme, sep, rest = name.partition(":")
@@ -58,9 +71,22 @@ def _shown(name: str) -> str:
 
 def check_model_name(name: str) -> None:
     """Refuse a model name that cannot load, without loading anything: an unknown scheme, a missing file or
-    directory, a file that is not GGUF. (Cheap checks only; the load itself says the rest.)"""
+    directory, a file that is not GGUF, an adapter directory that is not a child. (Cheap checks only; the
+    load itself says the rest.)"""
     from maskscope.models import loading
 
+    if LORA in name:
+        from maskscope.finetune.adapter import check_adapter_dir, split_name
+
+        parent, adapters = split_name(name)
+        if parent.startswith("openai:"):
+            raise UserError(
+                "a LoRA adapter loads onto a local model (default, hf:DIR, gguf:FILE), not a server"
+            )
+        check_model_name(parent)
+        for directory in adapters:
+            check_adapter_dir(directory)
+        return
     if name in ("default", "bundled", loading.BUNDLED_NAME):
         loading.bundled_gguf_path()
         return
