@@ -1,0 +1,136 @@
+"""Persona directions: mean-difference vectors against the steering-vectors library, a planted direction
+recovered (positive control), labels independent of activations inside the permutation null (negative
+control), vector files, and the steer block of a spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskscope import directions as dirs
+from maskscope.errors import UserError
+from maskscope.masks import Mask
+
+PIRATE = Mask(name="pirate", system="You are a pirate. Say Arr.")
+ASSISTANT = Mask(name="assistant", system="You are a helpful assistant.")
+PROMPTS = ["Tell me about the sea.", "What is for dinner?", "How do I fix a bike?", "Name a colour."]
+
+
+def test_mean_difference_equals_the_steering_vectors_library(tiny):
+    """train_steering_vector with its mean aggregator on the same rendered pairs, read at the last token, at
+    its layer n (= maskscope's layer n + 1), gives the same vector."""
+    sv = pytest.importorskip("steering_vectors")
+    contrast = dirs.contrast_activations(tiny, PIRATE, ASSISTANT, PROMPTS, [0, 1, 2])
+    from maskscope.masks import Turn
+
+    contexts = [
+        (PIRATE.conversation([Turn(role="user", content=p)]), ASSISTANT.conversation([Turn(role="user", content=p)]))
+        for p in PROMPTS
+    ]
+    pairs = [(tiny.render(a), tiny.render(b)) for a, b in contexts]
+    for (a, _), (text, _) in zip(contexts, pairs, strict=True):  # the library tokenizes the text itself
+        assert tiny.tokenizer(text)["input_ids"] == tiny.encode_prompt(a)
+    theirs = sv.train_steering_vector(
+        tiny.model, tiny.tokenizer, pairs, layers=[0, 1], read_token_index=-1,
+        aggregator=sv.mean_aggregator(), layer_type="decoder_block",
+    )
+    for their_layer in (0, 1):
+        ours = dirs.mean_difference(*contrast.at(their_layer + 1))
+        ref = theirs.layer_activations[their_layer].double().numpy()
+        cos = ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref)
+        assert cos >= 0.999
+        assert np.allclose(ours, ref, rtol=1e-3, atol=1e-4)
+    # a different layer is not the same vector (the comparison can fail)
+    wrong = dirs.mean_difference(*contrast.at(1))
+    ref = theirs.layer_activations[1].double().numpy()
+    assert wrong @ ref / np.linalg.norm(wrong) / np.linalg.norm(ref) < 0.999
+
+
+def _synthetic(
+    n: int, hidden: int, planted: float, seed: int, spread: float = 0.0
+) -> tuple[dirs.Contrast, np.ndarray]:
+    """Pairs sharing a per-prompt component; the positive side has a_i * u added, a_i = planted * (1 + spread
+    * z_i) (the trait's strength varying from prompt to prompt, which is what a centred PCA can see)."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(hidden)
+    u /= np.linalg.norm(u)
+    base = rng.standard_normal((n, 2, hidden))
+    a = planted * (1 + spread * rng.standard_normal((n, 2, 1)))
+    pos = base + rng.standard_normal((n, 2, hidden)) + a * u
+    neg = base + rng.standard_normal((n, 2, hidden))
+    return dirs.Contrast(pos, neg, [0, 1]), u
+
+
+def test_positive_control_a_planted_direction_is_recovered():
+    """Every method recovers a planted direction (cosine, AUROC ~1, far above norm-matched random ones)."""
+    contrast, u = _synthetic(200, 64, planted=16.0, spread=0.3, seed=1)
+    ex = dirs.extract(contrast, n_random=30, n_permutations=5, seed=0)
+    for m in dirs.METHODS:
+        for k in range(2):
+            v = ex.vectors[m][k]
+            # a random direction has cosine ~ 1/8 with u here; the probe, fitted on standardised features,
+            # down-weights the coordinates where the trait's strength varies, so it is less aligned
+            assert v @ u / np.linalg.norm(v) > (0.8 if m == "probe" else 0.95), m
+            assert ex.test_auroc[m][k] > 0.99, m
+            assert ex.test_auroc[m][k] > ex.summary()["methods"][m]["per_layer"][k]["random_band"][1]
+    # with so strong a signal, even random directions (sign fixed on training) are above chance: the null
+    assert float(np.median(ex.random_auroc)) > 0.6  # is a real bar, not 0.5
+    norms = np.linalg.norm(ex.vectors["mean_diff"], axis=1)
+    assert np.allclose(np.linalg.norm(ex.vectors["pca"], axis=1), norms)
+    assert np.allclose(np.linalg.norm(ex.vectors["probe"], axis=1), norms)
+
+
+def test_positive_control_the_permutation_null_separates_a_real_direction():
+    """A modest planted direction in many dimensions: the fitted mean difference and probe beat every label
+    permutation. (Directions fitted to permuted labels keep a share of a strong direction, so with a strong
+    one or in few dimensions the null reaches AUROC 1 as well; and the axis a centred PCA finds does not
+    depend on the labels at all, only its sign does.)"""
+    contrast, u = _synthetic(200, 256, planted=4.0, seed=1)
+    ex = dirs.extract(contrast, ["mean_diff", "probe"], n_random=30, n_permutations=30, seed=0)
+    for m in ("mean_diff", "probe"):
+        for row in ex.summary()["methods"][m]["per_layer"]:
+            assert row["test_auroc"] > 0.93
+            assert row["test_auroc"] > row["permutation_band"][1], m
+            assert row["permutation_p"] <= 1 / 31 + 1e-9
+
+
+def test_negative_control_independent_labels_stay_inside_the_null():
+    contrast, _ = _synthetic(80, 32, planted=0.0, seed=2)
+    ex = dirs.extract(contrast, n_random=30, n_permutations=60, seed=0)
+    for m in dirs.METHODS:
+        for row in ex.summary()["methods"][m]["per_layer"]:
+            # one-sided, as the test is: no method finds a direction the nulls do not also find
+            assert row["permutation_p"] > 0.05 and row["random_p"] > 0.05, m
+    assert abs(float(np.median(ex.random_auroc)) - 0.5) < 0.1  # random directions are at chance
+
+
+def test_pca_sign_follows_the_mean_difference():
+    rng = np.random.default_rng(0)
+    u = np.eye(8)[0]
+    pos = rng.standard_normal((40, 8)) + 2 * u + np.outer(rng.standard_normal(40) * 4, u)
+    neg = rng.standard_normal((40, 8))
+    for flip in (1, -1):
+        v = dirs.pca_direction(flip * pos, flip * neg)
+        assert np.sign(v[0]) == flip
+
+
+def test_vector_files_round_trip(tmp_path: Path):
+    v = {1: np.arange(4.0), 3: -np.arange(4.0)}
+    path = dirs.save_vectors(tmp_path / "d" / "pirate.safetensors", v, {"method": "mean_diff"})
+    back = dirs.load_vectors(path)
+    assert sorted(back) == [1, 3] and torch.equal(back[3], torch.tensor([0.0, -1, -2, -3]))
+    assert '"layers": [\n    1,\n    3\n  ]' in path.with_suffix(".json").read_text()
+    with pytest.raises(UserError, match="not found"):
+        dirs.load_vectors(tmp_path / "none.safetensors")
+    (tmp_path / "bad.safetensors").write_text("nope")
+    with pytest.raises(UserError, match="cannot read"):
+        dirs.load_vectors(tmp_path / "bad.safetensors")
+
+
+def test_too_few_prompts_is_one_line():
+    contrast, _ = _synthetic(3, 4, 1.0, 0)
+    with pytest.raises(UserError, match="give more prompts"):
+        dirs.extract(contrast)
