@@ -135,7 +135,11 @@ def split_indices(n: int, train: float, val: float, seed: int) -> tuple[np.ndarr
             "2, 1 and 1 prompts: give more prompts"
         )
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[:n_train]), np.sort(order[n_train : n_train + n_val]), np.sort(order[n_train + n_val :])
+    return (
+        np.sort(order[:n_train]),
+        np.sort(order[n_train : n_train + n_val]),
+        np.sort(order[n_train + n_val :]),
+    )
 
 
 def _signed(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
@@ -256,8 +260,10 @@ def save_vectors(path: str | Path, vectors: dict[int, Any], manifest: dict[str, 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layer.{int(k)}": torch.as_tensor(np.asarray(v), dtype=torch.float32).contiguous()
-               for k, v in vectors.items()}
+    tensors = {
+        f"layer.{int(k)}": torch.as_tensor(np.asarray(v), dtype=torch.float32).contiguous()
+        for k, v in vectors.items()
+    }
     save_file(tensors, str(path), metadata={"format": "maskscope-directions"})
     meta = {**manifest, "layers": sorted(int(k) for k in vectors), "file": path.name}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")

@@ -27,15 +27,23 @@ def test_mean_difference_equals_the_steering_vectors_library(tiny):
     from maskscope.masks import Turn
 
     contexts = [
-        (PIRATE.conversation([Turn(role="user", content=p)]), ASSISTANT.conversation([Turn(role="user", content=p)]))
+        (
+            PIRATE.conversation([Turn(role="user", content=p)]),
+            ASSISTANT.conversation([Turn(role="user", content=p)]),
+        )
         for p in PROMPTS
     ]
     pairs = [(tiny.render(a), tiny.render(b)) for a, b in contexts]
     for (a, _), (text, _) in zip(contexts, pairs, strict=True):  # the library tokenizes the text itself
         assert tiny.tokenizer(text)["input_ids"] == tiny.encode_prompt(a)
     theirs = sv.train_steering_vector(
-        tiny.model, tiny.tokenizer, pairs, layers=[0, 1], read_token_index=-1,
-        aggregator=sv.mean_aggregator(), layer_type="decoder_block",
+        tiny.model,
+        tiny.tokenizer,
+        pairs,
+        layers=[0, 1],
+        read_token_index=-1,
+        aggregator=sv.mean_aggregator(),
+        layer_type="decoder_block",
     )
     for their_layer in (0, 1):
         ours = dirs.mean_difference(*contrast.at(their_layer + 1))
