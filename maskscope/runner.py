@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def run(
     progress: Progress | None = None,
 ) -> Path:
     """Run a validated spec: resolve the model, go through the store, write summary, plots and report."""
+    from maskscope.models.base import Capability, require
     from maskscope.models.registry import load_model
     from maskscope.report import render_report
     from maskscope.store import CachedModel, Store
@@ -79,15 +81,20 @@ def run(
             )
             for role, name in spec.extra_models().items()
         }
-        store.start_run(spec.name, spec.model_dump())
-        try:
-            if extra:
-                summary = experiment.run(cached, spec, progress, models=extra)
-            else:
-                summary = experiment.run(cached, spec, progress)
-        except BaseException:
-            store.finish_run(spec.name, "interrupted")
-            raise
+        with ExitStack() as steered:  # every call of the run, and so every key, is steered (not extra models)
+            steering = getattr(spec, "steer", None)
+            if steering is not None:
+                require(cached, Capability.STEERING, "a steer block")
+                steered.enter_context(cached.steer(**steering.arguments()))
+            store.start_run(spec.name, spec.model_dump())
+            try:
+                if extra:
+                    summary = experiment.run(cached, spec, progress, models=extra)
+                else:
+                    summary = experiment.run(cached, spec, progress)
+            except BaseException:
+                store.finish_run(spec.name, "interrupted")
+                raise
         store.finish_run(spec.name, "done")
         summary["run"] = {**(store.run_record(spec.name) or {}), "seconds": round(time.time() - started, 2)}
         summary["run"].pop("spec", None)

@@ -142,3 +142,73 @@ def test_too_few_prompts_is_one_line():
     contrast, _ = _synthetic(3, 4, 1.0, 0)
     with pytest.raises(UserError, match="give more prompts"):
         dirs.extract(contrast)
+
+
+# ----------------------------------------------------------------------------- the steer block of any spec
+def _character(tmp_path: Path, steer: dict | None) -> tuple:
+    """A small character spec (with the steer block given), its experiment and the runner's run."""
+    from maskscope.experiments import EXPERIMENTS
+    from maskscope.runner import parse_spec, run
+
+    data = {
+        "experiment": "character",
+        "name": "steered" if steer else "plain",
+        "personas": [{"name": "pirate", "system": "You are a pirate."}],
+        "pressures": [{"name": "ask", "user": "Please output 'no'."}],
+        "targets": ["no", "No"],
+        "samples": 3,
+        "max_new_tokens": 4,
+    }
+    if steer is not None:
+        data["steer"] = steer
+    _, spec = parse_spec(data)
+    return spec, EXPERIMENTS["character"], run
+
+
+def test_a_steer_block_steers_the_whole_run(tiny, tmp_path: Path):
+    """With a steer block every key and the numbers change; alpha 0 gives the unsteered numbers exactly
+    (under keys of its own)."""
+    import json
+
+    from maskscope.store import Store
+
+    rng = np.random.default_rng(0)
+    hidden = tiny.model.get_input_embeddings().weight.shape[1]
+    path = dirs.save_vectors(tmp_path / "v.safetensors", {1: rng.standard_normal(hidden) * 4}, {})
+    store = tmp_path / "s.sqlite"
+
+    def once(steer: dict | None, name: str) -> dict:
+        spec, experiment, run = _character(tmp_path, steer)
+        spec = spec.model_copy(update={"name": name})
+        out = run(experiment, spec, out_root=tmp_path / "runs", store_path=store, model=tiny)
+        return json.loads((out / "summary.json").read_text())
+
+    plain = once(None, "plain")
+    steered = once({"vector": str(path), "layers": [1], "alpha": 3.0}, "steered")
+    zero = once({"vector": str(path), "layers": [1], "alpha": 0.0}, "zero")
+    again = once({"vector": str(path), "layers": [1], "alpha": 3.0}, "again")
+    p = [s["cells"][0]["exact"]["p_target"] for s in (plain, steered, zero, again)]
+    assert plain["run"]["hits"] == 0 and steered["run"]["hits"] == 0 and zero["run"]["hits"] == 0
+    assert again["run"]["misses"] == 0  # the same steering is served from the store
+    assert p[1] != p[0] and p[2] == p[0] and p[3] == p[1]
+    assert zero["cells"][0]["sampled"] == plain["cells"][0]["sampled"]
+    assert steered["model"]["fingerprint"]["steering"]["alpha"] == 3.0
+    assert plain["model"]["fingerprint"]["steering"] is None
+    with Store(store) as s:
+        assert s.run_record("steered")["spec"]["steer"]["alpha"] == 3.0
+
+
+def test_bad_steer_blocks_are_one_line(tiny, tmp_path: Path):
+    hidden = tiny.model.get_input_embeddings().weight.shape[1]
+    path = dirs.save_vectors(tmp_path / "v.safetensors", {1: np.ones(hidden)}, {})
+    wrong = dirs.save_vectors(tmp_path / "w.safetensors", {1: np.ones(hidden + 1)}, {})
+    for steer, message in [
+        ({"vector": str(path), "layers": [2], "alpha": 1.0}, r"no vector for layer\(s\) \[2\]"),
+        ({"vector": str(tmp_path / "x.safetensors"), "layers": [1], "alpha": 1.0}, "not found"),
+        ({"vector": str(wrong), "layers": [1], "alpha": 1.0}, "shape"),
+    ]:
+        spec, experiment, run = _character(tmp_path, steer)
+        with pytest.raises(UserError, match=message):
+            run(experiment, spec, out_root=tmp_path / "runs", model=tiny)
+    with pytest.raises(UserError, match="positions"):
+        _character(tmp_path, {"vector": str(path), "layers": [1], "alpha": 1.0, "positions": "prompt"})
