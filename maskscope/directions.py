@@ -120,6 +120,13 @@ def auroc(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], scores))
 
 
+def separation(direction: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+    """d' of the projections: difference of the means over the pooled standard deviation."""
+    a, b = pos @ direction, neg @ direction
+    sd = float(np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)) if min(len(a), len(b)) > 1 else 0.0
+    return float((a.mean() - b.mean()) / sd) if sd > 0 else 0.0
+
+
 def random_directions(n: int, hidden: int, norm: float, rng: np.random.Generator) -> np.ndarray:
     """n directions uniform on the sphere of the given norm: [n, hidden]."""
     g = rng.standard_normal((n, hidden))
@@ -159,6 +166,7 @@ class Extraction:
     test_auroc: dict[str, list[float]]
     random_auroc: np.ndarray  # [layers, n_random] test AUROC of norm-matched random directions
     permutation_auroc: dict[str, np.ndarray]  # method -> [layers, n_permutations] test AUROC, labels permuted
+    val_separation: dict[str, list[float]]  # d' on validation: breaks ties of validation AUROC
     chosen: dict[str, int]  # method -> layer chosen on validation
     split: dict[str, list[int]]
 
@@ -179,6 +187,7 @@ class Extraction:
                     {
                         "layer": layer,
                         "val_auroc": self.val_auroc[m][k],
+                        "val_separation": self.val_separation[m][k],
                         "test_auroc": obs,
                         "norm": float(np.linalg.norm(self.vectors[m][k])),
                         "random_band": band(rnd),
@@ -208,7 +217,8 @@ def extract(
 ) -> Extraction:
     """Fit every method at every layer on the training prompts; AUROC on validation (to choose the layer)
     and on test; nulls on test: norm-matched random directions and refits with the pair labels permuted
-    (each pair's two sides swapped at random, the permutation that respects the paired design)."""
+    (each pair's two sides swapped at random, the permutation that respects the paired design). The layer
+    chosen has the highest validation AUROC, ties broken by the validation d'."""
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UserError(f"direction methods must be among {', '.join(METHODS)}, not {bad or 'none'}")
@@ -217,6 +227,7 @@ def extract(
     flips = rng.random((n_permutations, len(tr))) < 0.5
     vectors: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     val_auc: dict[str, list[float]] = {m: [] for m in methods}
+    val_sep: dict[str, list[float]] = {m: [] for m in methods}
     test_auc: dict[str, list[float]] = {m: [] for m in methods}
     perm_auc: dict[str, list[list[float]]] = {m: [] for m in methods}
     rand_auc: list[list[float]] = []
@@ -227,6 +238,7 @@ def extract(
             v = _signed(fit_direction(m, ptr, ntr, seed), ptr, ntr)
             vectors[m].append(v)
             val_auc[m].append(auroc(v, pos[va], neg[va]))
+            val_sep[m].append(separation(v, pos[va], neg[va]))
             test_auc[m].append(auroc(v, pos[te], neg[te]))
             null = []
             for f in flips:
@@ -237,12 +249,16 @@ def extract(
         norm = float(np.linalg.norm(mean_difference(ptr, ntr))) or 1.0
         rand = random_directions(n_random, pos.shape[1], norm, rng)
         rand_auc.append([auroc(_signed(r, ptr, ntr), pos[te], neg[te]) for r in rand])
-    chosen = {m: contrast.layers[int(np.argmax(val_auc[m]))] for m in methods}
+    chosen = {
+        m: contrast.layers[max(range(len(contrast.layers)), key=lambda k, m=m: (val_auc[m][k], val_sep[m][k]))]
+        for m in methods
+    }
     return Extraction(
         layers=list(contrast.layers),
         methods=list(methods),
         vectors={m: np.stack(vectors[m]) for m in methods},
         val_auroc=val_auc,
+        val_separation=val_sep,
         test_auroc=test_auc,
         random_auroc=np.array(rand_auc),
         permutation_auroc={m: np.array(perm_auc[m]) for m in methods},

@@ -212,3 +212,124 @@ def test_bad_steer_blocks_are_one_line(tiny, tmp_path: Path):
             run(experiment, spec, out_root=tmp_path / "runs", model=tiny)
     with pytest.raises(UserError, match="positions"):
         _character(tmp_path, {"vector": str(path), "layers": [1], "alpha": 1.0, "positions": "prompt"})
+
+
+# ----------------------------------------------------------------------------- the directions experiment
+def _directions_spec(**changes) -> dict:
+    prompts = [f"Tell me about topic number {i}." for i in range(12)]
+    data = {
+        "experiment": "directions",
+        "name": "dirs",
+        "masks": [
+            {"name": "assistant", "system": "You are a helpful assistant."},
+            {"name": "pirate", "system": "You are a pirate. Say Arr and matey."},
+        ],
+        "positive": "pirate",
+        "negative": "assistant",
+        "prompts": prompts,
+        "n_random": 10,
+        "n_permutations": 10,
+        "dose": {"alphas": [0.0, 6.0], "targets": ["Arr", "Ahoy"], "max_new_tokens": 5},
+        "monitor": {
+            "transcript": [
+                {"role": "user", "content": "Hello?"},
+                {"role": "assistant", "content": "Hello! How can I help? Arr, matey, the treasure!"},
+            ]
+        },
+    }
+    data.update(changes)
+    return data
+
+
+def test_the_directions_experiment_on_the_tiny_model(tiny, tmp_path: Path):
+    """Every number of the summary is checked against a direct computation: alpha 0 is the unsteered
+    model exactly, the projection is the activations on the unit vector, the posterior is the posterior
+    experiment's, and the saved vectors steer a later run through a steer block."""
+    import json
+
+    from maskscope.experiments import EXPERIMENTS
+    from maskscope.experiments.character import union_probability
+    from maskscope.experiments.posterior import mask_posterior
+    from maskscope.masks import MaskLibrary, Turn
+    from maskscope.runner import parse_spec, run
+
+    experiment, spec = parse_spec(_directions_spec())
+    out = run(experiment, spec, out_root=tmp_path, model=tiny)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["extraction"]["layers"] == [0, 1, 2]
+    layer = s["dose"]["layer"]
+    assert layer == s["extraction"]["methods"]["mean_diff"]["chosen_layer"]
+    # the mean-difference vector is that of the training prompts' activations
+    train = [spec.prompts[i] for i in s["extraction"]["split"]["train"]]
+    lib = spec.mask_library()
+    c = dirs.contrast_activations(tiny, lib.get("pirate"), lib.get("assistant"), train, [layer])
+    v = np.array(s["vectors"]["mean_diff"][layer])
+    assert np.allclose(v, dirs.mean_difference(*c.at(layer)), atol=1e-5)
+    # alpha 0: the unsteered model's exact probability, for the direction and the random vector alike
+    points = {p["label"]: p for p in s["dose"]["points"]}
+    direct = [
+        union_probability(
+            tiny.score(lib.get("assistant").conversation([Turn(role="user", content=p)]), ["Arr", "Ahoy"])
+        )[0]
+        for p in s["dose"]["prompts"]
+    ]
+    assert points["direction alpha=0"]["p_target_per_prompt"] == pytest.approx(direct, rel=1e-6)
+    assert (
+        points["random alpha=0"]["p_target_per_prompt"] == points["direction alpha=0"]["p_target_per_prompt"]
+    )
+    assert points["direction alpha=6"]["p_target"] != points["direction alpha=0"]["p_target"]
+    assert points["random alpha=6"]["p_target"] != points["direction alpha=6"]["p_target"]
+    assert {"prompt: system prompt", "prompt: full mask"} <= set(points)
+    # monitoring: projection = activations . unit vector; posterior = the posterior experiment's
+    mon = s["monitor"]
+    post = mask_posterior(
+        tiny, MaskLibrary(masks=[lib.get("pirate"), lib.get("assistant")]), spec.monitor.transcript
+    )
+    assert mon["posterior_smoothed"] == pytest.approx(np.exp(post.smoothed[:, 0]).tolist(), abs=1e-9)
+    ctx = Mask(name="none").conversation(spec.monitor.transcript[:1])
+    acts = tiny.activations([(ctx, post.token_ids)], [layer], positions="all")[0][0].numpy()[
+        -len(post.token_ids) :
+    ]
+    assert mon["projection"] == pytest.approx((acts @ (v / np.linalg.norm(v))).tolist(), abs=1e-4)
+    assert -1 <= mon["correlation"]["smoothed"] <= 1 and 0 < mon["null"]["smoothed"]["p"] <= 1
+    for name in ("auroc_by_layer.png", "dose_response.png", "monitoring.png", "report.html"):
+        assert (out / name).stat().st_size > 1000
+    # the saved vectors steer a later run of another experiment
+    back = dirs.load_vectors(out / "mean_diff.safetensors")
+    assert np.allclose(back[layer].numpy(), v)
+    manifest = json.loads((out / "mean_diff.json").read_text())
+    assert manifest["chosen_layer"] == layer and manifest["layers"] == [0, 1, 2]
+    steered, experiment2, run2 = _character(
+        tmp_path, {"vector": str(out / "mean_diff.safetensors"), "layers": [layer], "alpha": 6.0}
+    )
+    summary2 = json.loads(
+        (run2(experiment2, steered, out_root=tmp_path, model=tiny) / "summary.json").read_text()
+    )
+    assert summary2["model"]["fingerprint"]["steering"]["alpha"] == 6.0
+    assert "Persona direction" in (out / "report.html").read_text()
+    assert EXPERIMENTS["directions"].spec is type(spec)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"positive": "assistant"}, "two different masks"),
+        ({"positive": "nobody"}, "no mask named 'nobody'"),
+        ({"prompts": ["a"] * 3}, "prompts"),
+        ({"layers": [0, 9]}, "layers must be in 0..2"),
+        ({"train": 0.8, "val": 0.3}, "test share"),
+        (
+            {
+                "monitor": {
+                    "transcript": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
+                }
+            },
+            "one assistant turn, its last",
+        ),
+    ],
+)
+def test_bad_directions_specs_are_one_line(tiny, tmp_path: Path, change, message):
+    from maskscope.runner import parse_spec, run
+
+    with pytest.raises(UserError, match=message):
+        run(*parse_spec(_directions_spec(**change, dose=None)), out_root=tmp_path, model=tiny)
