@@ -333,3 +333,31 @@ def test_bad_directions_specs_are_one_line(tiny, tmp_path: Path, change, message
 
     with pytest.raises(UserError, match=message):
         run(*parse_spec(_directions_spec(**change, dose=None)), out_root=tmp_path, model=tiny)
+
+
+def test_servers_refuse_activations_and_steering_in_one_line(tiny, tiny_dir: Path, tmp_path: Path):
+    """Over HTTP (a loopback server answering as vLLM does) the directions experiment and a steer block are
+    refused before any work, in one line that says why."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from servers import PromptLogprobsServer
+
+    from maskscope.models.loading import load_tokenizer
+    from maskscope.models.openai_backend import OpenAIModel, ServerOptions
+    from maskscope.runner import parse_spec, run
+
+    with PromptLogprobsServer(tiny) as ref:
+        remote = OpenAIModel(
+            ref.url, None, ServerOptions(tokenizer=f"hf:{tiny_dir}"), chat=load_tokenizer(f"hf:{tiny_dir}")
+        )
+        with pytest.raises(
+            UserError, match=r"needs 'activations'.*\(servers do not expose activations\)"
+        ) as e:
+            run(*parse_spec(_directions_spec()), out_root=tmp_path, model=remote)
+        assert "\n" not in str(e.value)
+        path = dirs.save_vectors(tmp_path / "v.safetensors", {1: np.ones(64)}, {})
+        spec, experiment, run_ = _character(tmp_path, {"vector": str(path), "layers": [1], "alpha": 1.0})
+        with pytest.raises(UserError, match=r"a steer block needs 'steering'.*\(servers do not") as e:
+            run_(experiment, spec, out_root=tmp_path, model=remote)
+        assert "\n" not in str(e.value)
