@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--gen-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--sv-batches", default="1,16", help="steering-vectors batch sizes to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +122,8 @@ def main() -> None:
 
         return go
 
-    sides = {"maskscope": ours, "steering_vectors_b1": theirs(1), "steering_vectors_b16": theirs(16)}
+    batches = [int(b) for b in args.sv_batches.split(",")]
+    sides = {"maskscope": ours, **{f"steering_vectors_b{b}": theirs(b) for b in batches}}
     times: dict[str, list[float]] = {k: [] for k in sides}
     results: dict[str, object] = {}
     for _ in range(args.rounds):
@@ -132,7 +134,7 @@ def main() -> None:
     contrast = results["maskscope"]
     cosines = []
     for their_layer in range(n_layers):
-        pos, neg = results["steering_vectors_b16"]
+        pos, neg = results[f"steering_vectors_b{batches[-1]}"]
         ref = (torch.stack(pos[their_layer]).mean(0) - torch.stack(neg[their_layer]).mean(0)).double().numpy()
         ours_v = dirs.mean_difference(*contrast.at(their_layer + 1))
         cosines.append(float(ours_v @ ref / np.linalg.norm(ours_v) / np.linalg.norm(ref)))
@@ -173,8 +175,10 @@ def main() -> None:
             "layers": len(layers),
             "seconds": times,
             "median_seconds": med,
-            "speedup_vs_steering_vectors_b1": med["steering_vectors_b1"] / med["maskscope"],
-            "speedup_vs_steering_vectors_b16": med["steering_vectors_b16"] / med["maskscope"],
+            **{
+                f"speedup_vs_steering_vectors_b{b}": med[f"steering_vectors_b{b}"] / med["maskscope"]
+                for b in batches
+            },
             "mean_difference_cosine_min": min(cosines),
         },
         "steering": {
@@ -187,11 +191,10 @@ def main() -> None:
     }
     OUT.write_text(json.dumps(result, indent=2))
     e, s = result["extraction"], result["steering"]
+    speedups = ", ".join(f"batch {b}: x{e[f'speedup_vs_steering_vectors_b{b}']:.2f}" for b in batches)
     print(
-        f"extraction of {e['sequences']} prompts x {e['layers']} layers: maskscope {med['maskscope']:.2f}s, "
-        f"steering-vectors {med['steering_vectors_b1']:.2f}s (batch 1, x{e['speedup_vs_steering_vectors_b1']:.2f}), "
-        f"{med['steering_vectors_b16']:.2f}s (batch 16, x{e['speedup_vs_steering_vectors_b16']:.2f}); "
-        f"min cosine {e['mean_difference_cosine_min']:.5f}"
+        f"extraction of {e['sequences']} prompts x {e['layers']} layers: maskscope {med['maskscope']:.2f}s; "
+        f"speedup against steering-vectors {speedups}; min cosine {e['mean_difference_cosine_min']:.5f}"
     )
     print(
         f"steered generation overhead: {100 * s['overhead_per_token']:.1f}% per token, "
