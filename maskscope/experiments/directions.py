@@ -438,6 +438,8 @@ def plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
             f"NLL per token of the greedy reply under the unsteered model ({summary['negative']} context)"
         )
         ax.set_ylabel("P(reply begins with a target) [exact]")
+        if all(p["p_target"] > 0 for p in dose["points"]):
+            ax.set_yscale("log")  # steering and prompting can differ by orders of magnitude
         ax.set_title(f"Dose-response: {dose['method']} at layer {dose['layer']} (labels: alpha)")
         ax.legend(fontsize=7)
         fig.tight_layout()
