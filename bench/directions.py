@@ -135,7 +135,7 @@ def main() -> None:
     cosines = []
     for their_layer in range(n_layers):
         pos, neg = results[f"steering_vectors_b{batches[-1]}"]
-        ref = (torch.stack(pos[their_layer]).mean(0) - torch.stack(neg[their_layer]).mean(0)).double().numpy()
+        ref = (torch.cat(pos[their_layer]).mean(0) - torch.cat(neg[their_layer]).mean(0)).double().numpy()
         ours_v = dirs.mean_difference(*contrast.at(their_layer + 1))
         cosines.append(float(ours_v @ ref / np.linalg.norm(ours_v) / np.linalg.norm(ref)))
     med = {k: float(np.median(v)) for k, v in times.items()}
