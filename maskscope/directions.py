@@ -250,7 +250,9 @@ def extract(
         rand = random_directions(n_random, pos.shape[1], norm, rng)
         rand_auc.append([auroc(_signed(r, ptr, ntr), pos[te], neg[te]) for r in rand])
     chosen = {
-        m: contrast.layers[max(range(len(contrast.layers)), key=lambda k, m=m: (val_auc[m][k], val_sep[m][k]))]
+        m: contrast.layers[
+            max(range(len(contrast.layers)), key=lambda k, m=m: (val_auc[m][k], val_sep[m][k]))
+        ]
         for m in methods
     }
     return Extraction(
