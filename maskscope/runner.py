@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,9 @@ def run(
     credentials: Any = None,
 ) -> Path:
     """Run a validated spec: check the output directory and the store, resolve the model, go through the
-    store, write summary, plots and report. `credentials` (the user's, never the spec's) reaches an
-    openai:URL#MODEL backend."""
+    store (steered for the whole run if the spec has a steer block), write summary, plots and report.
+    `credentials` (the user's, never the spec's) reaches an openai:URL#MODEL backend."""
+    from maskscope.models.base import Capability, require
     from maskscope.models.registry import check_model_name, load_model
     from maskscope.report import render_report
     from maskscope.store import CachedModel, Store
@@ -224,15 +226,20 @@ def run(
         cached = CachedModel(model, store)
         extra = {role: CachedModel(m, store) for role, m in extra_loaded.items()}
         metadata = collect(model, spec)  # before the run: the code and libraries that compute it
-        store.start_run(spec.name, redact(spec.model_dump()))
-        try:
-            if extra:
-                summary = experiment.run(cached, spec, progress, models=extra)
-            else:
-                summary = experiment.run(cached, spec, progress)
-        except BaseException:
-            store.finish_run(spec.name, "interrupted")
-            raise
+        with ExitStack() as steered:  # every call of the run, and so every key, is steered (not extra models)
+            steering = getattr(spec, "steer", None)
+            if steering is not None:
+                require(cached, Capability.STEERING, "a steer block")
+                steered.enter_context(cached.steer(**steering.arguments()))
+            store.start_run(spec.name, redact(spec.model_dump()))
+            try:
+                if extra:
+                    summary = experiment.run(cached, spec, progress, models=extra)
+                else:
+                    summary = experiment.run(cached, spec, progress)
+            except BaseException:
+                store.finish_run(spec.name, "interrupted")
+                raise
         store.finish_run(spec.name, "done")
         summary["metadata"] = {**metadata, "rendered_prompts": rendered_prompts(store, spec.name)}
         summary = redact(summary)

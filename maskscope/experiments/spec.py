@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,6 +26,40 @@ def check_run_name(name: object) -> str:
     return name
 
 
+class SteerSpec(BaseModel):
+    """Steering for the whole run: `alpha * vector` added to the residual stream after the given layers
+    (0 = embedding output, i = output of decoder layer i) at the reply's positions or at all positions."""
+
+    model_config = ConfigDict(extra="forbid")
+    vector: str = Field(
+        description="A .safetensors file of vectors named layer.<n> (as `directions` writes)."
+    )
+    layers: list[int] = Field(
+        min_length=1, description="Layers to steer; the file must hold a vector for each."
+    )
+    alpha: float = Field(description="Multiplier of the vectors (0 leaves the model as it is).")
+    positions: Literal["reply", "all"] = Field(
+        "reply",
+        description='"reply": from the prompt\'s last token on (so the first reply token is steered).',
+    )
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of model.steer: the file's vectors for the chosen layers, alpha, positions."""
+        from maskscope.directions import load_vectors
+        from maskscope.errors import UserError
+
+        vectors = load_vectors(self.vector)
+        missing = [x for x in self.layers if x not in vectors]
+        if missing:
+            raise UserError(f"{self.vector} has no vector for layer(s) {missing} (it has {sorted(vectors)})")
+        return {
+            "vector": {x: vectors[x] for x in self.layers},
+            "layers": list(self.layers),
+            "alpha": self.alpha,
+            "positions": self.positions,
+        }
+
+
 class RunSpec(BaseModel):
     """A run: its name (results go to runs/<name>/), the model, and the precision of forward passes."""
 
@@ -39,6 +73,9 @@ class RunSpec(BaseModel):
     )
     server: ServerOptions | None = Field(
         None, description="For openai:URL#MODEL: tokenizer, concurrency, timeouts and retries."
+    )
+    steer: SteerSpec | None = Field(
+        None, description="Steer every call of the run (vector file, layers, alpha, positions)."
     )
 
     @field_validator("name")
