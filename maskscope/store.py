@@ -21,6 +21,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -673,7 +674,9 @@ def repair_store(path: str | Path) -> RepairReport:
             if not all(isinstance(x, str) and _utf8(x) for x in (key, method, parts, result)):
                 continue
             decoded = json.loads(parts)
-            if not isinstance(decoded, dict) or decoded.get("method") != method:  # method is outside the checksum
+            if (
+                not isinstance(decoded, dict) or decoded.get("method") != method
+            ):  # method is outside the checksum
                 continue
             created = created if isinstance(created, int | float) else time.time()
             writes = writes if isinstance(writes, int) else 1
@@ -744,8 +747,8 @@ class CachedModel(ModelAPI):
             "end_tokens",
             "missing_capabilities",
             "request_stats",
-            "steer",  # the steering enters the fingerprint, and so every key, while it is active
             "activations",  # not stored yet: computed on every call
+            "num_layers",
         }
     )
 
@@ -764,6 +767,13 @@ class CachedModel(ModelAPI):
     def render(self, context: Context) -> str:
         """The wrapped model's rendering."""
         return self.inner.render(context)
+
+    @contextmanager
+    def steer(self, *args: Any, **kwargs: Any) -> Iterator[CachedModel]:
+        """The wrapped model's steering, for every call inside the context; yields this CachedModel, so that
+        steered calls go through the store too (the steering is part of every key while it is active)."""
+        with self.inner.steer(*args, **kwargs):
+            yield self
 
     def __getattr__(self, name: str) -> Any:
         if name in CachedModel.FORWARDED:

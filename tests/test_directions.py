@@ -358,6 +358,9 @@ def test_servers_refuse_activations_and_steering_in_one_line(tiny, tiny_dir: Pat
         assert "\n" not in str(e.value)
         path = dirs.save_vectors(tmp_path / "v.safetensors", {1: np.ones(64)}, {})
         spec, experiment, run_ = _character(tmp_path, {"vector": str(path), "layers": [1], "alpha": 1.0})
-        with pytest.raises(UserError, match=r"a steer block needs 'steering'.*\(servers do not") as e:
+        with pytest.raises(
+            UserError,
+            match=r"a steer block needs 'steering'.*\(stock OpenAI-compatible servers have no steering",
+        ) as e:
             run_(experiment, spec, out_root=tmp_path, model=remote)
         assert "\n" not in str(e.value)

@@ -163,3 +163,14 @@ def test_steered_continuations_from_cuts_equal_recomputation(tiny):
                 out.append(nxt)
             assert ids == out
     assert got != [r["token_ids"] for r in tiny.continued(jobs)]  # the steering changed them
+
+
+def test_steering_through_the_store_yields_the_cached_model(tiny, tmp_path: Path):
+    """`with cached.steer(...) as m` gives the CachedModel back, so steered calls are stored too."""
+    with Store(tmp_path / "s.sqlite") as store:
+        cached = CachedModel(tiny, store)
+        with cached.steer(_direction(tiny), layers=[1], alpha=2.0) as m:
+            assert m is cached
+            m.score(CTX, ["Arr"])
+        assert cached.misses == 1 and store.count() == 1
+    assert tiny.num_layers == 2

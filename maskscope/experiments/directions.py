@@ -104,10 +104,7 @@ class DirectionsSpec(LibrarySpec):
 
 
 def _n_layers(model: Any) -> int:
-    inner = getattr(model, "inner", model)
-    hf = getattr(inner, "model", None)
-    config = getattr(hf, "config", None)
-    n = getattr(config, "num_hidden_layers", None)
+    n = getattr(model, "num_layers", None)
     if not isinstance(n, int):
         raise UserError(f"cannot tell how many layers model {model.name} has: give `layers`")
     return n

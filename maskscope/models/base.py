@@ -412,6 +412,8 @@ class Activations(Protocol):
     """The residual stream at chosen layers (0 = embedding output) and positions ("last", "reply_mean",
     "all")."""
 
+    num_layers: int
+
     def activations(self, items: Sequence[Any], layers: Sequence[int], positions: str = "last") -> list[Any]:
         """Activations of each item (a context, or a context and reply token ids)."""
         ...

@@ -45,7 +45,15 @@ from maskscope.models.base import (
     stream_key,
 )
 from maskscope.models.chat import ChatTokenizer
-from maskscope.models.hooks import POSITIONS, Steering, as_vectors, capture, check_layers, steering_hooks
+from maskscope.models.hooks import (
+    POSITIONS,
+    Steering,
+    as_vectors,
+    capture,
+    check_layers,
+    decoder_layers,
+    steering_hooks,
+)
 
 PRECISIONS = ("fp32", "bf16")
 HEAD_POSITIONS = 512  # positions per LM-head call when scoring: bounds the [positions x vocabulary] tensor
@@ -545,6 +553,11 @@ class HFModel(ChatTokenizer, ModelAPI):
                 yield i, lp[row]
 
     # ----------------------------------------------------------------- activations and steering
+    @property
+    def num_layers(self) -> int:
+        """How many decoder layers the model has: activation layers are numbered 0 (embeddings) to this."""
+        return len(decoder_layers(self.model))
+
     def activations(
         self,
         items: Sequence[Context | tuple[Context, Sequence[int]]],

@@ -14,7 +14,7 @@ is steered exactly as a full recomputation of the same sequence is.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,15 +53,23 @@ def _tensor(output: Any) -> torch.Tensor:
 
 
 @contextmanager
-def capture(model: Any, layers: Sequence[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
+def capture(
+    model: Any, layers: Sequence[int], keep: Callable[[torch.Tensor], Any] | None = None
+) -> Iterator[dict[int, list[Any]]]:
     """Record the residual stream at the given layers during every forward pass inside the context: yields
-    {layer: [one float32 tensor [B, T, H] per forward pass]}."""
-    seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    {layer: [one record per forward pass]}, a record being the float32 tensor [B, T, H], or what `keep` makes
+    of it (say, the positions wanted), taken inside the hook so that nothing else is copied."""
+    seen: dict[int, list[Any]] = {layer: [] for layer in layers}
     handles = []
     for layer in layers:
 
         def hook(module: Any, args: Any, output: Any, layer: int = layer) -> None:
-            seen[layer].append(_tensor(output).detach().float().clone())
+            hidden = _tensor(output).detach()
+            if keep is None:
+                seen[layer].append(hidden.float().clone())
+            else:
+                kept = keep(hidden)
+                seen[layer].append([x.float().clone() for x in kept] if isinstance(kept, list) else kept)
 
         handles.append(_module_for(model, layer).register_forward_hook(hook))
     try:

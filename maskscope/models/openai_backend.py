@@ -260,7 +260,7 @@ class OpenAIModel(ModelAPI):
             "support_logprobs": "servers return only the top log-probabilities, not full distributions",
             "cuts": "forced answers and continuations from cuts of a sequence need the transformers engine",
             "activations": "servers do not expose activations",
-            "steering": "servers do not expose activations",
+            "steering": "stock OpenAI-compatible servers have no steering of activations (docs/directions.md)",
         }
         if self.chat is None:
             missing["score"] = "exact scoring needs the model's tokenizer here (server option `tokenizer`)"
