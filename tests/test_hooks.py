@@ -12,7 +12,7 @@ import torch
 import maskscope as ms
 from maskscope.errors import UserError
 from maskscope.store import CachedModel, Store
-from tests.conftest import plain_logprobs
+from conftest import plain_logprobs
 
 CTX = ms.Conversation.of(system="You are a pirate.", user="Tell me about the sea.")
 
