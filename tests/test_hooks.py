@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import plain_logprobs
 
 import maskscope as ms
 from maskscope.errors import UserError
 from maskscope.store import CachedModel, Store
-from conftest import plain_logprobs
 
 CTX = ms.Conversation.of(system="You are a pirate.", user="Tell me about the sea.")
 
