@@ -48,10 +48,14 @@ lint: $(STAMP)
 # Benchmarks compare against lm-evaluation-harness, installed here only (not a dependency of maskscope).
 bench: $(STAMP)
 	$(PIP) install --quiet -c constraints.txt 'lm-eval==0.4.13'
-	$(PY) bench/score_prefix.py
-	$(PY) bench/sample_batch.py
+	$(PY) bench/score_prefix.py --threads 1 --slow-repeats 1
+	$(PY) bench/score_prefix.py --shape short --threads 1 --slow-repeats 1
+	$(PY) bench/score_prefix.py --shape short --threads 2 --slow-repeats 1
+	$(PY) bench/sample_batch.py --threads 1
+	$(PY) bench/startup.py
 	$(PY) bench/load_and_memory.py
 	$(PY) bench/masks.py
+	$(PY) bench/cot_truncation.py --threads 1
 	$(PY) bench/finetune.py
 
 clean:
