@@ -753,14 +753,9 @@ class HFModel(ChatTokenizer, ModelAPI):
         if not members:
             return out
         if len(members) < len(rows):
-            sel = torch.tensor(members, device=dev)
-            cache, mask, next_pos, logprobs = (
-                _select_rows(cache, sel),
-                mask[sel],
-                next_pos[sel],
-                logprobs[sel],
+            cache, (mask, next_pos, logprobs, starts) = _take(
+                cache, torch.tensor(members, device=dev), mask, next_pos, logprobs, starts
             )
-            starts = starts[sel]
         gens = {
             i: torch.Generator(device="cpu").manual_seed(
                 sample_seed(rows[i].seed, rows[i].stream, rows[i].index)
@@ -795,12 +790,8 @@ class HFModel(ChatTokenizer, ModelAPI):
                 break
             if sum(live) < compact * len(members):
                 keep = [r for r in range(len(members)) if live[r]]
-                sel = torch.tensor(keep, device=dev)
-                cache, mask, next_pos, starts = (
-                    _select_rows(cache, sel),
-                    mask[sel],
-                    next_pos[sel],
-                    starts[sel],
+                cache, (mask, next_pos, starts) = _take(
+                    cache, torch.tensor(keep, device=dev), mask, next_pos, starts
                 )
                 members = [members[r] for r in keep]
                 live = [True] * len(members)
@@ -955,6 +946,11 @@ class HFModel(ChatTokenizer, ModelAPI):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _take(cache: Any, sel: torch.Tensor, *rows: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    """The given batch rows of a KV cache and of per-row tensors."""
+    return _select_rows(cache, sel), tuple(t[sel] for t in rows)
+
+
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     cuts = [text.find(s) for s in stops if s and s in text]
     return min(cuts) if cuts else None
