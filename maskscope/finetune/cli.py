@@ -21,11 +21,24 @@ def finetune_command(
     out_dir: Annotated[
         str | None, typer.Option("--out", help="The child directory (overrides the spec).")
     ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed",
+            help="Another training seed (the adapter's initialisation, batch order, dropout; the data is the "
+            "spec's). Without --out the child goes to OUT-seedN.",
+        ),
+    ] = None,
 ) -> None:
     """Train a LoRA child of a model on chat data; rerunning the same command resumes where it stopped."""
     from maskscope.finetune.train import finetune, load_spec
 
     parsed = load_spec(spec)  # validate before loading anything heavy
+    if seed is not None and seed != parsed.seed:
+        update: dict[str, Any] = {"seed": seed, "out": f"{parsed.out.rstrip('/')}-seed{seed}"}
+        if parsed.name:
+            update["name"] = f"{parsed.name}-seed{seed}"
+        parsed = parsed.model_copy(update=update)
     if out_dir is not None:
         parsed = parsed.model_copy(update={"out": out_dir})
     from maskscope.models.registry import load_model

@@ -1,0 +1,3 @@
+from maskscope.cli import main
+
+main()
