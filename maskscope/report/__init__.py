@@ -39,10 +39,16 @@ def save_figure(fig: Any, path: Path, dpi: int, **kwargs: Any) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs), path.name)
 
 
+def _missing_as_dash(value: Any) -> Any:
+    """A missing value (None) is printed as an en dash, never as the word "None"."""
+    return "–" if value is None else value
+
+
 def _environment() -> Environment:
     return Environment(
         loader=PackageLoader("maskscope", "report/templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
+        finalize=_missing_as_dash,
     )
 
 
