@@ -89,6 +89,11 @@ class ServerOptions(BaseModel):
     n_per_request: int = Field(
         1, ge=1, le=1024, description="Samples drawn per request (the `n` parameter; llama.cpp ignores n)."
     )
+    neutral_sampling: bool = Field(
+        True,
+        description="Send llama.cpp's neutral sampling parameters (top_k 0, min_p 0, no repeat penalty) with "
+        "every sample request. false for hosted APIs that refuse request arguments they do not know.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -252,6 +257,8 @@ class OpenAIModel(ModelAPI):
             "chat_template": self.chat.template_digest() if self.chat else "server",
             "scoring": self.scoring,
             "n_per_request": self.options.n_per_request,
+            # only when off, so that the keys of every call stored before the option existed stay the same
+            **({} if self.options.neutral_sampling else {"neutral_sampling": False}),
         }
 
     def missing_capabilities(self) -> dict[str, str]:
@@ -378,7 +385,7 @@ class OpenAIModel(ModelAPI):
                 "seed": sample_seed(params.seed, stream, g) % 2**31,
                 "stop": list(params.stop) or None,
                 "n": n,
-                "extra_body": NEUTRAL_SAMPLING,
+                "extra_body": NEUTRAL_SAMPLING if self.options.neutral_sampling else None,
             }
             if prompt is not None:
                 response = self._call(lambda: self.client.completions.create(prompt=prompt, **common))
