@@ -267,11 +267,6 @@ def sample(
             out.print(s.text, markup=False, highlight=False)
 
 
-def _short(value: object, width: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 @cache_app.command("why")
 def cache_why(
     key: Annotated[str, typer.Argument(help="A call key, or a unique prefix of one (see `cache runs`).")],
@@ -291,20 +286,34 @@ def cache_why(
     if not ex.stored:
         out.print(f"{ex.key}: looked up but never computed (the run stopped first); rerun to compute it")
         return
+    from rich.text import Text
+
+    from maskscope.keydiff import call_summary, differences, groups
+
     out.print(f"{ex.key}: stored; later identical calls are served from the store. Its parts:")
-    out.print_json(data=ex.parts)
+    for name, text in call_summary(ex.parts or {}):
+        out.print(f"  {name}: {text}", markup=False, highlight=False, soft_wrap=True)
     if ex.nearest_key is None:
         out.print("It was computed because no call of this method was stored before it.")
         return
-    table = Table(
-        "part",
-        "this call",
-        f"nearest earlier call {ex.nearest_key[:12]}",
-        title="It was computed because its key differs from every earlier call; nearest:",
+    diffs = differences(ex.differences or {})
+    out.print(
+        f"It was computed because its key differs from every earlier call; the nearest, {ex.nearest_key[:12]}, "
+        f"differs in {len(diffs)} part(s), in: {', '.join(groups([d.part for d in diffs]))}",
+        markup=False,
+        highlight=False,
     )
-    for field, (mine, theirs) in (ex.differences or {}).items():
-        table.add_row(field, _short(mine), _short(theirs))
+    table = Table("part", "this call", f"nearest earlier call {ex.nearest_key[:12]}")
+    for d in diffs:
+        table.add_row(Text(d.part), Text(d.mine), Text(d.theirs))  # text from the store is not markup
     out.print(table)
+    for d in diffs:
+        if d.detail is not None:
+            out.print(
+                f"{d.part}: first difference at {d.detail.unit} {d.detail.at}:", markup=False, highlight=False
+            )
+            out.print(f"  this call: {d.detail.mine}", markup=False, highlight=False, soft_wrap=True)
+            out.print(f"  nearest:   {d.detail.theirs}", markup=False, highlight=False, soft_wrap=True)
 
 
 @cache_app.command("check")
