@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from maskscope.report import plain_text, save_figure  # noqa: E402
 
@@ -62,7 +63,10 @@ def heatmap_figure(summary: dict[str, Any]) -> Any:
     """The figure of the exact target probability per persona x pressure."""
     personas, pressures, grid = _grid(summary, lambda c: c["exact"]["p_target"])
     floor = 1e-6
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(pressures), 1.2 + 0.6 * len(personas)))
+    # a floor on the size: a 1 x 1 grid was too small for its title and colour bar label
+    fig, ax = plt.subplots(
+        figsize=(max(4.5, 1.6 + 1.5 * len(pressures)), max(3.2, 1.2 + 0.6 * len(personas)))
+    )
     im = ax.imshow(np.clip(grid, floor, 1), cmap="magma_r", norm=LogNorm(vmin=floor, vmax=1), aspect="auto")
     ax.set_xticks(range(len(pressures)), [_label(q) for q in summary["pressures"]], rotation=30, ha="right")
     ax.set_yticks(range(len(personas)), [_label(p) for p in summary["personas"]])
@@ -72,7 +76,10 @@ def heatmap_figure(summary: dict[str, Any]) -> Any:
             text = f"{v:.3f}" if v >= 1e-3 else f"{v:.0e}"
             dark = math.log10(max(v, floor)) > -2.5
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
-    fig.colorbar(im, ax=ax, label="P(reply begins with a target)  [exact]")
+    bar = fig.colorbar(im, ax=ax, label="P(begins with a target), exact")
+    # the log axis's default labels are mathtext ("$10^{-6}$"), printed raw since labels are plain text
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
     # a figure title (centred on the figure, not on the axes that the colour bar pushes aside), wrapped to fit
     fig.suptitle(fitted_title(fig, "Stepping out of character: exact probability per persona x pressure"))
     fig.tight_layout()
@@ -132,9 +139,8 @@ def _category_bars(summary: dict[str, Any], path: Path) -> Path:
     axes[0, 0].set_title(
         fitted_title(fig, f"Sampled replies by category: share of {n} per cell, 95% Wilson intervals")
     )
-    axes[0, 0].legend(
-        fontsize=8, ncol=4, loc="upper left", bbox_to_anchor=(0, 1.45 if len(personas) > 1 else 1.3)
-    )
+    # beside the first panel, not above it, where it covered the title of a one-panel figure
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
