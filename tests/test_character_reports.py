@@ -373,3 +373,21 @@ def test_a_cot_report_with_missing_values_shows_no_none(tiny, tmp_path: Path):
     html = render_report(summary, tmp_path).read_text()
     assert "None" not in html
     assert html.count('<div class="wide"><table>') >= 3
+
+
+@pytest.mark.parametrize("width", [2.5, 3.8, 6.0])
+def test_fitted_titles_fit_narrow_figures(width: float):
+    """The capabilities plot of one mask is 3.8 inches wide; its title names the task and can be long."""
+    import matplotlib.pyplot as plt
+
+    from maskscope.report import fitted_title
+
+    fig, ax = plt.subplots(figsize=(width, 3))
+    fig.suptitle(
+        fitted_title(fig, "word problems with three steps and distractors: capability by mask (n=40)", 10),
+        fontsize=10,
+    )
+    fig.canvas.draw()
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())
+    assert drawn.x0 >= -0.01 and drawn.x1 <= width + 0.01, (drawn, width)
+    plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,13 @@ def plain_text(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fitted_title(fig: Any, text: str, fontsize: float = 12.0) -> str:
+    """A title wrapped into lines that fit the figure's width (a small grid makes a narrow figure, and a
+    one-line title was cut at both edges)."""
+    chars = max(12, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars))
 
 
 def save_figure(fig: Any, path: Path, dpi: int, **kwargs: Any) -> Path:

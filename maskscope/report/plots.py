@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from maskscope.report import plain_text, save_figure  # noqa: E402
+from maskscope.report import fitted_title, plain_text, save_figure  # noqa: E402
 
 CATEGORY_COLORS = {"target": "#c0392b", "in_character": "#2e86c1", "other": "#95a5a6"}
 
@@ -31,13 +30,6 @@ def _grid(summary: dict[str, Any], value: Any) -> tuple[list[str], list[str], np
 
 def _label(item: dict[str, Any]) -> str:
     return f"{item['name']} (control)" if item.get("control") else item["name"]
-
-
-def fitted_title(fig: Any, text: str, fontsize: float = 12.0) -> str:
-    """A title wrapped into lines that fit the figure's width (a small grid makes a narrow figure, and a
-    one-line title was cut at both edges)."""
-    chars = max(12, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
-    return "\n".join(textwrap.wrap(text, chars))
 
 
 @plain_text
