@@ -331,7 +331,10 @@ def contrasts(spec: CharacterSpec, out_cells: Sequence[dict[str, Any]]) -> dict[
 
 
 def run(model: LanguageModel, spec: CharacterSpec, progress: Progress | None = None) -> dict[str, Any]:
-    """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict."""
+    """Run the experiment on a model (usually a store-backed CachedModel); return the summary as a dict.
+
+    A model that cannot score (a chat-only server) gets no exact numbers, and the summary says so: its
+    cells carry the server's first-token top-k with bounds (`first_token`) and the sampled shares."""
     progress = progress or Silent()
     exact = "score" in model.capabilities
     if not exact and not spec.samples and "next_token_distribution" not in model.capabilities:
