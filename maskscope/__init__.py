@@ -39,6 +39,8 @@ _LAZY = {
     "load_model": "maskscope.models.registry",
     "load_spec": "maskscope.runner",
     "run_spec": "maskscope.runner",
+    "read_run": "maskscope.runs",
+    "read_runs": "maskscope.runs",
     "wilson": "maskscope.stats",
     "CachedModel": "maskscope.store",
     "Store": "maskscope.store",
@@ -74,6 +76,8 @@ __all__ = [
     "finetune",
     "load_model",
     "load_spec",
+    "read_run",
+    "read_runs",
     "run_spec",
     "wilson",
 ]
