@@ -177,3 +177,37 @@ def test_runs_list_show_and_diff(kept, tiny):
     assert "the specs are the same" in same.stdout and "(0 of" in same.stdout
     missing = invoke(["runs", "show", "nope", "--root", str(root)])
     assert missing.one_line_error()
+
+
+def test_a_run_exported_as_an_inspect_log_reads_back(kept, tmp_path):
+    inspect_log = pytest.importorskip(
+        "inspect_ai.log", reason="inspect_ai is an optional extra (maskscope[inspect])"
+    )
+    root, out = kept
+    r = ms.read_run(out)
+    target = tmp_path / "logs" / "kept.eval"
+    target.parent.mkdir()
+    done = invoke(
+        ["runs", "export", out.name, "--format", "inspect", "--out", str(target), "--root", str(root)]
+    )
+    assert done.code == 0, done.stderr
+    log = inspect_log.read_eval_log(str(target))
+    assert log.status == "success" and log.eval.task == "maskscope/character" and log.eval.eval_id == out.name
+    assert len(log.samples) == len(r.samples) == 24
+    by_id = {s.id: s for s in log.samples}
+    for row in r.samples.to_dict("records"):
+        s = by_id[f"{row['persona']}/{row['pressure']}#{row['index']}"]
+        assert s.output.completion == row["text"] and s.scores["category"].value == row["category"]
+        assert s.input[0].content == row["prompt"] and s.metadata["seed"] == 0
+        cell = r.cells[r.cells["cell"] == row["cell"]].iloc[0]
+        assert s.metadata["exact"]["exact.p_target"] == cell["exact.p_target"]
+    # the results: each category's share of all replies, as counted from the export
+    (score,) = log.results.scores
+    for cat, metric in score.metrics.items():
+        assert metric.value == pytest.approx((r.samples["category"] == cat).mean())
+        lo, hi = metric.metadata["ci95"]
+        assert lo <= metric.value <= hi
+    bad = invoke(["runs", "export", out.name, "--format", "csv", "--root", str(root)])
+    assert bad.one_line_error() and "inspect" in bad.stderr
+    default = invoke(["runs", "export", out.name, "--root", str(root)])
+    assert default.code == 0 and (out / f"{out.name}.eval").is_file()
