@@ -259,7 +259,7 @@ def run(
                     summary = experiment.run(cached, spec, progress)
             except BaseException:
                 store.finish_run(spec.name, "interrupted")
-                runs.finish(out_dir, info, "interrupted")
+                runs.finish_quietly(out_dir, info, "interrupted")
                 raise
         store.finish_run(spec.name, "done")
         summary["metadata"] = {**metadata, "rendered_prompts": rendered_prompts(store, spec.name)}
@@ -271,10 +271,14 @@ def run(
             progress.note(f"{store.damaged} damaged results recomputed")
         if hasattr(model, "request_stats"):
             summary["run"]["server"] = model.request_stats()
-        write_outputs(experiment, summary, out_dir, render_report)
-        token_texts = getattr(model, "token_texts", None)
-        rows = runs.tables(summary, runs.store_calls(store, spec.name), token_texts)
-        runs.write_tables(out_dir, rows)
+        try:
+            write_outputs(experiment, summary, out_dir, render_report)
+            token_texts = getattr(model, "token_texts", None)
+            rows = runs.tables(summary, runs.store_calls(store, spec.name), token_texts)
+            runs.write_tables(out_dir, rows)
+        except BaseException:
+            runs.finish_quietly(out_dir, info, "interrupted")
+            raise
         runs.finish(out_dir, info, "done", counts={k: len(v) for k, v in rows.items()})
         runs.link_label(out_root, spec.name, out_dir.name)
     finally:

@@ -135,6 +135,15 @@ def finish(run_dir: Path, info: dict[str, Any], status: str, **extra: Any) -> No
     write_info(run_dir, info)
 
 
+def finish_quietly(run_dir: Path, info: dict[str, Any], status: str) -> None:
+    """`finish`, for a run that is failing: a run.json that cannot be written (a full disk) must not hide the
+    error that stopped the run."""
+    try:
+        finish(run_dir, info, status)
+    except (OSError, UserError):
+        pass
+
+
 def link_label(root: Path, name: str, rid: str) -> None:
     """Point root/<name> at the run root/<rid> (a relative symbolic link), unless root/<name> is a real
     directory (a run written before runs had ids), which is left alone."""

@@ -211,3 +211,31 @@ def test_a_run_exported_as_an_inspect_log_reads_back(kept, tmp_path):
     assert bad.one_line_error() and "inspect" in bad.stderr
     default = invoke(["runs", "export", out.name, "--root", str(root)])
     assert default.code == 0 and (out / f"{out.name}.eval").is_file()
+
+
+def test_an_interrupted_run_is_recorded_and_the_rerun_completes_it(tiny, tmp_path, monkeypatch):
+    from maskscope.experiments import character
+
+    real = character.run
+    spec = {**SPEC, "name": "cut", "samples": 2}
+
+    def interrupted(model, spec, progress=None):
+        real(model, spec.model_copy(update={"samples": 1}), progress)  # some results reach the store
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(character, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(*parse_spec(spec), out_root=tmp_path, model=tiny)
+    (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    info = json.loads((out / "run.json").read_text())
+    assert (
+        info["status"] == "interrupted" and info["finished"] is None and not (out / "summary.json").exists()
+    )
+    assert not (tmp_path / "cut").exists()  # the label points only at finished runs
+    monkeypatch.setattr(character, "run", real)
+    assert run(*parse_spec(spec), out_root=tmp_path, model=tiny) == out
+    done = json.loads((out / "run.json").read_text())
+    assert done["status"] == "done" and done["created"] == info["created"] and done["attempts"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["hits"] > 0  # resumed from what the interrupted attempt stored
+    assert len(ms.read_run(tmp_path / "cut").samples) == 4 * 2
