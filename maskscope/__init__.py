@@ -41,6 +41,7 @@ _LAZY = {
     "run_spec": "maskscope.runner",
     "read_run": "maskscope.runs",
     "read_runs": "maskscope.runs",
+    "read_samples": "maskscope.runs",
     "wilson": "maskscope.stats",
     "CachedModel": "maskscope.store",
     "Store": "maskscope.store",
@@ -78,6 +79,7 @@ __all__ = [
     "load_spec",
     "read_run",
     "read_runs",
+    "read_samples",
     "run_spec",
     "wilson",
 ]

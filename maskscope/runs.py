@@ -410,6 +410,21 @@ def read_runs(root: str | Path = "runs") -> Any:
     )
 
 
+def read_samples(root: str | Path = "runs") -> Any:
+    """Every sample of every run under an output root, one row each with its run's id and experiment: the
+    counterpart of inspect_ai's samples_df."""
+    import pandas as pd
+
+    frames = []
+    for p in run_dirs(root):
+        info = read_info(p) or {}
+        df = _read_table(p, "samples")
+        if len(df):
+            experiment = (info.get("spec") or {}).get("experiment")
+            frames.append(df.assign(run_id=info.get("id", p.name), experiment=experiment))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def resolve(root: str | Path, ref: str) -> Path:
     """The run directory a reference names: an id, a name (its latest run), a unique prefix of an id, or a
     path to a run directory."""

@@ -232,7 +232,10 @@ class Viewer:
             if "category" in samples:
                 categories = sorted({str(c) for c in samples["category"].dropna()})
             if cell:
-                samples = samples[samples["cell"].astype("string") == cell]
+                import pandas as pd
+
+                wanted = float(cell) if cell.isdigit() else float("nan")
+                samples = samples[pd.to_numeric(samples["cell"], errors="coerce") == wanted]
             if category and "category" in samples:
                 samples = samples[samples["category"] == category]
             if q:

@@ -117,6 +117,9 @@ def test_a_changed_parameter_gets_a_new_directory_and_the_old_is_kept(kept, tiny
     assert json.loads((changed / "run.json").read_text())["spec"]["seed"] == 7
     assert (root / "kept").resolve() == changed.resolve()  # the label follows the latest run
     assert set(ms.read_runs(root)["id"]) >= {out.name, changed.name}
+    pooled = ms.read_samples(root)
+    for rid in (out.name, changed.name):
+        assert (pooled["run_id"] == rid).sum() == len(ms.read_run(root / rid).samples) == 24
     # a different library file's contents (same path) is a different run too
     lib = tmp_path / "lib.yaml"
     lib.write_text("masks:\n  - name: a\n    system: You are A.\n")
@@ -239,3 +242,22 @@ def test_an_interrupted_run_is_recorded_and_the_rerun_completes_it(tiny, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run"]["hits"] > 0  # resumed from what the interrupted attempt stored
     assert len(ms.read_run(tmp_path / "cut").samples) == 4 * 2
+
+
+def test_the_viewer_renders_a_real_run(kept):
+    from markupsafe import escape
+
+    from maskscope.viewer import Viewer
+
+    root, out = kept
+    r = ms.read_run(out)
+    viewer = Viewer(root)
+    page = viewer.run(out.name, {"cell": "3"})
+    rows = page.split('id="samples"')[1]
+    assert rows.count('class="sample"') == 6  # the six replies of cell 3 (pirate / ask)
+    texts = r.samples[r.samples["cell"] == 3]["text"]
+    assert all(str(escape(t)) in rows for t in texts)  # as Jinja escapes it
+    assert viewer.run("no-such-run", {}) is None
+    missing = invoke(["view", "--root", str(root / "missing")])
+    assert missing.one_line_error() and "missing" in missing.stderr
+    assert invoke(["view", "--root", str(root), "--port", "70000"]).one_line_error()
