@@ -189,10 +189,13 @@ def _cell_labels(cell: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _summary_cells(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The summary's cells: its `cells` list, or for an experiment without one, its longest top-level list
+    of mappings (e.g. the tasks of `capabilities`)."""
+    lists = [v for v in summary.values() if isinstance(v, list) and v and all(isinstance(c, dict) for c in v)]
     cells = summary.get("cells")
     if isinstance(cells, list) and all(isinstance(c, dict) for c in cells):
         return cells
-    return []
+    return max(lists, key=len) if lists else []
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

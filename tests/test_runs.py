@@ -261,3 +261,14 @@ def test_the_viewer_renders_a_real_run(kept):
     missing = invoke(["view", "--root", str(root / "missing")])
     assert missing.one_line_error() and "missing" in missing.stderr
     assert invoke(["view", "--root", str(root), "--port", "70000"]).one_line_error()
+
+
+def test_cells_of_an_experiment_without_a_cells_list():
+    from maskscope.runs import number_differences, tables
+
+    tasks = [{"label": "add", "exact": {"p": 0.5}}, {"label": "mul", "exact": {"p": 0.5}}]
+    summary = {"experiment": "x", "masks": [{"name": "a"}], "tasks": tasks}
+    rows = tables(summary, [])
+    assert [(r["label"], r["exact.p"]) for r in rows["cells"]] == [("add", 0.5), ("mul", 0.5)]
+    other = {**summary, "tasks": [tasks[0], {"label": "mul", "exact": {"p": 0.25}}]}
+    assert number_differences(summary, other) == [("cells[mul].exact.p", 0.5, 0.25)]
