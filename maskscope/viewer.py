@@ -415,6 +415,8 @@ def serve(root: str | Path, port: int, announce: Callable[[str], None] = print) 
     announce(f"http://127.0.0.1:{server.server_address[1]}/")
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how a viewer is stopped: not an error
+        pass
     finally:
         server.server_close()
 

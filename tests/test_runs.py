@@ -182,6 +182,8 @@ def test_runs_list_show_and_diff(kept, tiny):
     assert missing.one_line_error()
 
 
+# inspect_ai 0.3.285's samples_df calls a pandas 3.1 deprecated argument (its code, not ours)
+@pytest.mark.filterwarnings("ignore:The inplace keyword in DataFrame.drop_duplicates")
 def test_a_run_exported_as_an_inspect_log_reads_back(kept, tmp_path):
     inspect_log = pytest.importorskip(
         "inspect_ai.log", reason="inspect_ai is an optional extra (maskscope[inspect])"
@@ -210,6 +212,11 @@ def test_a_run_exported_as_an_inspect_log_reads_back(kept, tmp_path):
         assert metric.value == pytest.approx((r.samples["category"] == cat).mean())
         lo, hi = metric.metadata["ci95"]
         assert lo <= metric.value <= hi
+    # inspect's own analysis functions see the samples and scores beside any other eval in the directory
+    from inspect_ai.analysis import samples_df
+
+    df = samples_df(str(target.parent))
+    assert len(df) == 24 and sorted(df["score_category"]) == sorted(r.samples["category"])
     bad = invoke(["runs", "export", out.name, "--format", "csv", "--root", str(root)])
     assert bad.one_line_error() and "inspect" in bad.stderr
     default = invoke(["runs", "export", out.name, "--root", str(root)])
