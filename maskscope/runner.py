@@ -219,7 +219,7 @@ def run(
         spec_dump = redact(spec.model_dump())
         fingerprint = redact(model.fingerprint() if hasattr(model, "fingerprint") else {"name": model.name})
         digest = runs.run_digest(spec_dump, fingerprint, runs.resolved_inputs(spec))
-        out_dir = run_dir(out_root, runs.run_id(spec.name, digest))
+        out_dir = runs.run_directory(out_root, runs.run_id(spec.name, digest))
         runs.check_unchanged(out_dir, digest)
         created.mkdir(out_dir)
     except BaseException:

@@ -74,6 +74,16 @@ def run_id(name: str, digest: str) -> str:
     return f"{name}-{digest[:10]}"
 
 
+def run_directory(root: str | Path, rid: str) -> Path:
+    """The directory of a run id under the output root, refused (one line) unless it lies inside the root
+    (a link of that name pointing elsewhere); the id's name part is a label checked with the spec."""
+    root = Path(root)
+    out = root / rid
+    if "/" in rid or rid in ("", ".", "..") or out.resolve().parent != root.resolve():
+        raise UserError(f"the run directory {out} would lie outside the output directory {root}")
+    return out
+
+
 def machine() -> dict[str, Any]:
     """The machine a run ran on: host name, operating system, architecture, CPU count, Python."""
     return {

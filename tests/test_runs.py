@@ -279,3 +279,17 @@ def test_cells_of_an_experiment_without_a_cells_list():
     assert [(r["label"], r["exact.p"]) for r in rows["cells"]] == [("add", 0.5), ("mul", 0.5)]
     other = {**summary, "tasks": [tasks[0], {"label": "mul", "exact": {"p": 0.25}}]}
     assert number_differences(summary, other) == [("cells[mul].exact.p", 0.5, 0.25)]
+
+
+def test_a_run_directory_takes_the_longest_name_and_stays_in_the_root(tmp_path):
+    from maskscope.experiments.spec import check_run_name
+    from maskscope.runs import run_directory, run_id
+
+    name = check_run_name("n" * 100)  # the longest label
+    rid = run_id(name, "ab" * 32)
+    assert run_directory(tmp_path, rid) == tmp_path / rid and rid.endswith("-abababab" + "ab")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / rid).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="outside the output directory"):
+        run_directory(tmp_path / "root", rid)
