@@ -14,6 +14,7 @@ from rich.table import Table
 from maskscope.errors import UserError
 from maskscope.finetune.cli import finetune_command, organism_app, print_children
 from maskscope.mutual_value.cli import mutual_value_command
+from maskscope.runs_cli import runs_app, view_command
 
 app = typer.Typer(
     add_completion=False,
@@ -385,6 +386,8 @@ def cache_runs(
 app.command("mutual-value")(mutual_value_command)
 app.command("finetune")(finetune_command)
 app.add_typer(organism_app, name="organism")
+app.add_typer(runs_app, name="runs")
+app.command("view")(view_command)
 
 
 def one_line(message: str) -> str:

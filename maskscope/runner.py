@@ -170,13 +170,15 @@ def run(
     """Run a validated spec: check the output directory and the store, resolve the model, go through the
     store (steered for the whole run if the spec has a steer block), write summary, plots and report.
     `credentials` (the user's, never the spec's) reaches an openai:URL#MODEL backend."""
+    from maskscope import runs
     from maskscope.models.base import Capability, require
     from maskscope.models.registry import check_model_name, load_model
     from maskscope.report import render_report
     from maskscope.store import CachedModel, Store
 
     progress = progress or Silent()
-    out_dir = run_dir(out_root, spec.name)
+    run_dir(out_root, spec.name)  # the name is a safe label
+    out_root = Path(out_root)
     store_file = Path(store_path) if store_path is not None else Path(out_root) / "maskscope.sqlite"
     if model is None:
         check_model_name(spec.model)
@@ -190,8 +192,8 @@ def run(
     created = _Created()
     store = None
     try:
-        created.mkdir(out_dir)
-        _check_writable(out_dir)
+        created.mkdir(out_root)
+        _check_writable(out_root)
         created.mkdir(store_file.parent)
         if not store_file.exists():
             created.store = store_file
@@ -213,6 +215,13 @@ def run(
             )
             for role, name in extra_names.items()
         }
+        # the run's id: its name and a hash of what its numbers depend on (see maskscope/runs.py)
+        spec_dump = redact(spec.model_dump())
+        fingerprint = redact(model.fingerprint() if hasattr(model, "fingerprint") else {"name": model.name})
+        digest = runs.run_digest(spec_dump, fingerprint, runs.resolved_inputs(spec))
+        out_dir = runs.run_directory(out_root, runs.run_id(spec.name, digest))
+        runs.check_unchanged(out_dir, digest)
+        created.mkdir(out_dir)
     except BaseException:
         if store is not None:
             store.close()
@@ -226,6 +235,17 @@ def run(
         cached = CachedModel(model, store)
         extra = {role: CachedModel(m, store) for role, m in extra_loaded.items()}
         metadata = collect(model, spec)  # before the run: the code and libraries that compute it
+        info = runs.begin(
+            out_dir,
+            {
+                "id": out_dir.name,
+                "name": spec.name,
+                "digest": digest,
+                "spec": finite(spec_dump),
+                "model": {"name": redact(model.name), "fingerprint": fingerprint},
+                "versions": {"maskscope": metadata["maskscope"], "libraries": metadata["libraries"]},
+            },
+        )
         with ExitStack() as steered:  # every call of the run, and so every key, is steered (not extra models)
             steering = getattr(spec, "steer", None)
             if steering is not None:
@@ -239,6 +259,7 @@ def run(
                     summary = experiment.run(cached, spec, progress)
             except BaseException:
                 store.finish_run(spec.name, "interrupted")
+                runs.finish_quietly(out_dir, info, "interrupted")
                 raise
         store.finish_run(spec.name, "done")
         summary["metadata"] = {**metadata, "rendered_prompts": rendered_prompts(store, spec.name)}
@@ -250,7 +271,16 @@ def run(
             progress.note(f"{store.damaged} damaged results recomputed")
         if hasattr(model, "request_stats"):
             summary["run"]["server"] = model.request_stats()
-        write_outputs(experiment, summary, out_dir, render_report)
+        try:
+            write_outputs(experiment, summary, out_dir, render_report)
+            token_texts = getattr(model, "token_texts", None)
+            rows = runs.tables(summary, runs.store_calls(store, spec.name), token_texts)
+            runs.write_tables(out_dir, rows)
+        except BaseException:
+            runs.finish_quietly(out_dir, info, "interrupted")
+            raise
+        runs.finish(out_dir, info, "done", counts={k: len(v) for k, v in rows.items()})
+        runs.link_label(out_root, spec.name, out_dir.name)
     finally:
         if store is not None:
             store.close()

@@ -64,7 +64,10 @@ class RunSpec(BaseModel):
     """A run: its name (results go to runs/<name>/), the model, and the precision of forward passes."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="Run name: results go to runs/<name>/.")
+    name: str = Field(
+        description="Run name, a label: results go to runs/<name>-<hash of the parameters>/ (runs/<name> links "
+        "to the latest)."
+    )
     model: str = Field(
         "default", description='"default" (bundled), "hf:DIR", "gguf:FILE" or "openai:URL#MODEL".'
     )
