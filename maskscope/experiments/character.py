@@ -78,6 +78,10 @@ class CharacterSpec(RunSpec):
     top_k: int = Field(10, ge=1, le=1000, description="How many first tokens to report.")
     examples: int = Field(3, ge=0, le=50, description="Example replies shown per cell.")
 
+    def limited(self, n: int) -> CharacterSpec:
+        """`--limit N`: the first N pressures (user turns), under every persona."""
+        return self._replaced(pressures=[p.model_dump() for p in self.pressures[:n]])  # type: ignore[return-value]
+
     @field_validator("in_character")
     @classmethod
     def _valid_regexes(cls, patterns: list[str]) -> list[str]:
