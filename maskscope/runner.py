@@ -58,7 +58,7 @@ def load_spec(
         kind = data.get("experiment") if isinstance(data, dict) else None
         known = EXPERIMENTS.get(kind) if isinstance(kind, str) else None
         data = apply_sets(data, changes, known.spec if known is not None else None)
-    experiment, spec = parse_spec(data, f"{path} (with --set)" if changes else str(path))
+    experiment, spec = parse_spec(data, f"{path} (as changed on the command line)" if changes else str(path))
     resolve_paths(spec, Path(path).parent, keep=frozenset(location for location, _ in changes))
     if limit is not None:
         if limit < 1:
