@@ -194,7 +194,7 @@ def models(
 ) -> None:
     """List the model names maskscope understands and whether the bundled model is installed; given a model,
     load it and say what it can and cannot do."""
-    from maskscope.models.loading import bundled_gguf_path, cache_dir
+    from maskscope.models.loading import bundled_gguf_path, cache_dir, hub_cache_dir
     from maskscope.models.registry import SCHEMES
 
     if model is not None:
@@ -214,6 +214,7 @@ def models(
     except UserError as e:
         out.print(f"bundled model: {e}")
     out.print(f"cache directory: {cache_dir()}")
+    out.print(f"Hugging Face hub cache (hf:ORG/NAME): {hub_cache_dir()}", soft_wrap=True)
     print_children()
 
 
