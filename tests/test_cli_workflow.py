@@ -303,6 +303,10 @@ def test_run_with_model_limit_set_and_threads(tiny_dir, tmp_path):
                 "2",
                 "--batch-tokens",
                 "64",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
             ]
         )
         assert torch.get_num_threads() == 2
@@ -314,6 +318,7 @@ def test_run_with_model_limit_set_and_threads(tiny_dir, tmp_path):
     assert "ask" in text and "beg" in text and "What is 2 + 2?" not in text  # --limit 2: the third is not run
     assert "You are a cat." in text and "You are a pirate." not in text
     assert summary["run"]["misses"] > 0
+    assert summary["metadata"]["dtype"] == "bfloat16" and summary["metadata"]["approximate"] is True
 
 
 def test_progress_is_plain_lines_when_stdout_is_a_pipe(tiny_dir, tmp_path):
