@@ -143,6 +143,37 @@ def test_dtype_and_batch_budget_reach_the_model(tiny, tiny_dir):
         ms.load_model("openai:http://127.0.0.1:9/v1#m", device="cpu")
 
 
+def test_device_auto_goes_through_accelerate_device_map(tiny, tiny_dir, monkeypatch):
+    """The device_map="auto" path (what `auto` is where CUDA exists), run here on the CPU: accelerate places
+    every layer on the only device there is, and the numbers are the plain load's."""
+    from maskscope.models import loading
+
+    seen = {}
+    real = loading.resolve_device
+
+    def as_if_cuda(device):
+        seen["device"] = device
+        return "map" if device == "auto" else real(device)
+
+    import transformers
+
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen["device_map"] = kwargs.get("device_map")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "resolve_device", as_if_cuda)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    spread = ms.load_model(f"hf:{tiny_dir}", device="auto")
+    assert seen == {"device": "auto", "device_map": "auto"}
+    assert spread.token_budget == loading.DEFAULT_TOKEN_BUDGET  # no CUDA device holds it: CPU's default
+    ctx = ms.Conversation.of(user="Say no.")
+    assert [s.total for s in spread.score(ctx, ["no", "Yes"])] == pytest.approx(
+        [s.total for s in tiny.score(ctx, ["no", "Yes"])], abs=1e-6
+    )
+
+
 def test_the_batch_budget_from_free_memory():
     from types import SimpleNamespace
 
