@@ -79,8 +79,11 @@ class CharacterSpec(RunSpec):
     examples: int = Field(3, ge=0, le=50, description="Example replies shown per cell.")
 
     def limited(self, n: int) -> CharacterSpec:
-        """`--limit N`: the first N pressures (user turns), under every persona."""
-        return self._replaced(pressures=[p.model_dump() for p in self.pressures[:n]])  # type: ignore[return-value]
+        """`--limit N`: the first N pressures (user turns), under every persona; a `neutral` pressure the
+        spec names is kept as well, wherever it is (the mask-adoption check reads it)."""
+        neutral = getattr(self, "neutral", None)
+        kept = [p.model_dump() for i, p in enumerate(self.pressures) if i < n or p.name == neutral]
+        return self._replaced(pressures=kept)  # type: ignore[return-value]
 
     @field_validator("in_character")
     @classmethod
