@@ -117,23 +117,56 @@ def _context(system: str | None, user: str, prefill: str):  # noqa: ANN202
 
 @app.command()
 def run(
-    spec: Annotated[Path, typer.Argument(help="A YAML spec (see examples/).")],
+    spec: Annotated[Path, typer.Argument(help="A YAML spec (see examples/); its paths are relative to it.")],
     out_root: Annotated[Path, typer.Option("--out", help="Where runs/<name>/ goes.")] = Path("runs"),
     store: Annotated[
         Path | None, typer.Option("--store", help="SQLite store (default: OUT/maskscope.sqlite).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Run this model instead of the spec's (paths: from here)."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Only the first N items the experiment iterates (prompts, pressures, problems)."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change a spec field: path.to.field=value (YAML value; repeatable; list items by index).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (1 is often fastest on a shared machine).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Local models: cpu, cuda, cuda:N, mps or auto.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Local models: float32, bfloat16, float16 or auto.")
+    ] = None,
+    batch_tokens: Annotated[
+        int | None, typer.Option(help="Local models: tokens per batch (default: from free GPU memory).")
     ] = None,
     api_key_env: KeyEnvOpt = "MASKSCOPE_API_KEY",
     use_openai_api_key: OpenAIKeyOpt = False,
     allow_insecure_key: InsecureOpt = False,
 ) -> None:
     """Run an experiment spec; rerunning the same command resumes where it stopped."""
-    from maskscope.progress import rich_progress
+    from maskscope.progress import cli_progress
     from maskscope.runner import load_spec
     from maskscope.runner import run as run_experiment
 
     credentials = _credentials(api_key_env, use_openai_api_key, allow_insecure_key)
-    experiment, parsed = load_spec(spec)  # validate before loading anything heavy
-    with rich_progress() as progress:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, not {threads}")
+    flags = {"model": model, "device": device, "dtype": dtype, "batch_tokens": batch_tokens}
+    changes = [*(sets or []), *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)]
+    experiment, parsed = load_spec(spec, changes, limit)  # validate before loading anything heavy
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    with cli_progress() as progress:
         out_dir = run_experiment(
             experiment,
             parsed,
@@ -142,7 +175,12 @@ def run(
             progress=progress,
             credentials=credentials,
         )
-    out.print(f"wrote {out_dir}/summary.json, plots and {out_dir}/report.html", markup=False, highlight=False)
+    out.print(
+        f"wrote {out_dir}/summary.json, plots and {out_dir}/report.html",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -157,7 +195,7 @@ def models(
 ) -> None:
     """List the model names maskscope understands and whether the bundled model is installed; given a model,
     load it and say what it can and cannot do."""
-    from maskscope.models.loading import bundled_gguf_path, cache_dir
+    from maskscope.models.loading import bundled_gguf_path, cache_dir, hub_cache_dir
     from maskscope.models.registry import SCHEMES
 
     if model is not None:
@@ -177,6 +215,7 @@ def models(
     except UserError as e:
         out.print(f"bundled model: {e}")
     out.print(f"cache directory: {cache_dir()}")
+    out.print(f"Hugging Face hub cache (hf:ORG/NAME): {hub_cache_dir()}", soft_wrap=True)
     print_children()
 
 

@@ -43,9 +43,28 @@ def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
     return experiment, spec
 
 
-def load_spec(path: str | Path) -> tuple[Experiment, BaseModel]:
-    """Read and validate a YAML spec file."""
-    return parse_spec(read_yaml(path, "spec file"), str(path))
+def load_spec(
+    path: str | Path, sets: list[str] | None = None, limit: int | None = None
+) -> tuple[Experiment, BaseModel]:
+    """Read and validate a YAML spec file, with `sets` (`path.to.field=value`, as `--set`) applied first and
+    the run cut to the first `limit` items (the spec's `limited`). Relative paths in the file are resolved
+    against the file's directory; those given by `sets` stay relative to the current directory."""
+    from maskscope.experiments.spec import resolve_paths
+    from maskscope.overrides import apply_sets, parse_set
+
+    data = read_yaml(path, "spec file")
+    changes = [parse_set(text) for text in sets or []]
+    if changes:
+        kind = data.get("experiment") if isinstance(data, dict) else None
+        known = EXPERIMENTS.get(kind) if isinstance(kind, str) else None
+        data = apply_sets(data, changes, known.spec if known is not None else None)
+    experiment, spec = parse_spec(data, f"{path} (as changed on the command line)" if changes else str(path))
+    resolve_paths(spec, Path(path).parent, keep=frozenset(location for location, _ in changes))
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, not {limit}")
+        spec = spec.limited(limit)  # type: ignore[attr-defined]
+    return experiment, spec
 
 
 def run_spec(
@@ -142,9 +161,18 @@ def read_spec_files(spec: Any) -> None:
 
     if callable(getattr(spec, "mask_library", None)):
         spec.mask_library()
+    steer = getattr(spec, "steer", None)
+    if steer is not None and not Path(steer.vector).is_file():
+        raise UserError(f"steering vector file not found: {steer.vector}")
     tasks = getattr(spec, "tasks", None)
     if isinstance(tasks, list) and tasks and all(isinstance(t, TaskSpec) for t in tasks):
         load_tasks(tasks)
+
+
+def _placement(spec: Any, model_name: str) -> dict[str, Any]:
+    """The spec's device, dtype and batch budget, for a local model (a server places its own)."""
+    placement = spec.placement() if callable(getattr(spec, "placement", None)) else {}
+    return {} if model_name.startswith("openai:") else placement
 
 
 def _check_writable(directory: Path) -> None:
@@ -182,6 +210,10 @@ def run(
     store_file = Path(store_path) if store_path is not None else Path(out_root) / "maskscope.sqlite"
     if model is None:
         check_model_name(spec.model)
+    if getattr(spec, "device", None) is not None:  # a device this machine lacks, before any directory is made
+        from maskscope.models.loading import resolve_device
+
+        resolve_device(spec.device)
     extra_names = spec.extra_models() if callable(getattr(spec, "extra_models", None)) else {}
     for name in extra_names.values():
         check_model_name(name)
@@ -205,6 +237,7 @@ def run(
                 progress=progress.note,
                 server=getattr(spec, "server", None),
                 credentials=credentials,
+                **_placement(spec, spec.model),
             )
         extra_loaded = {
             role: load_model(
@@ -212,6 +245,7 @@ def run(
                 precision=getattr(spec, "precision", "fp32"),
                 progress=progress.note,
                 credentials=credentials,
+                **_placement(spec, name),
             )
             for role, name in extra_names.items()
         }

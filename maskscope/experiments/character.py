@@ -123,6 +123,13 @@ class CharacterSpec(RunSpec):
         "mask-adoption check. None: no adoption check.",
     )
 
+    def limited(self, n: int) -> CharacterSpec:
+        """`--limit N`: the first N pressures (user turns), under every persona; a `neutral` pressure the
+        spec names is kept as well, wherever it is (the mask-adoption check reads it)."""
+        neutral = getattr(self, "neutral", None)
+        kept = [p.model_dump() for i, p in enumerate(self.pressures) if i < n or p.name == neutral]
+        return self._replaced(pressures=kept)  # type: ignore[return-value]
+
     @field_validator("in_character")
     @classmethod
     def _valid_regexes(cls, patterns: list[str]) -> list[str]:

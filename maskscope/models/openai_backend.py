@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +74,7 @@ class ServerOptions(BaseModel):
     """How maskscope talks to an OpenAI-compatible server."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"tokenizer": "model"}  # relative to the spec file
     tokenizer: str | None = Field(
         None,
         description='The served model\'s tokenizer, to render prompts locally: "default" (the bundled model), '
