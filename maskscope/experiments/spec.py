@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -166,7 +167,7 @@ def resolve_model_name(name: str, base: Path) -> str:
 
     def local(rest: str) -> str:
         path = Path(rest)
-        return rest if rest.startswith("~") or path.is_absolute() else str(base / path)
+        return rest if rest.startswith("~") or path.is_absolute() else os.path.normpath(base / path)
 
     parent, *adapters = name.split("+lora:")
     scheme, sep, rest = parent.partition(":")
@@ -199,7 +200,7 @@ def resolve_paths(
             if kinds[name] == "model":
                 setattr(spec, name, resolve_model_name(value, base))
             elif not (value.startswith("~") or Path(value).is_absolute()):
-                setattr(spec, name, str(base / value))
+                setattr(spec, name, os.path.normpath(base / value))
         elif isinstance(value, BaseModel):
             resolve_paths(value, base, keep, loc)
         elif isinstance(value, list):
