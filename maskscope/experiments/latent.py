@@ -422,7 +422,7 @@ def summarize(
         rows.append(_row(spec, "password (ceiling)", "password", ceiling, base, ceiling))
     for c in conditions.values():
         if c["method"] in ("mask", "shots"):
-            label = f"mask: {c['mask']}" if c["method"] == "mask" else f"{c['k']} demonstrations"
+            label = f"mask: {c['mask']}" if c["method"] == "mask" else f"{_count(c['k'], 'demonstration')}"
             rows.append(_row(spec, label, c["method"], c["p"], base, ceiling, **_info(c)))
     for method, key in (("finetune", "k"), ("noise", "scale")):
         values = sorted({c[key] for c in conditions.values() if c["method"] == method})
@@ -431,7 +431,7 @@ def summarize(
             per_item = [sum(c["p"][i] for c in runs) / len(runs) for i in range(len(items))]
             seed_means = [sum(c["p"]) / len(c["p"]) for c in runs]
             best = runs[max(range(len(runs)), key=lambda j: seed_means[j])]
-            label = f"fine-tuned on {v}" if method == "finetune" else f"noise x{v:g} std"
+            label = f"fine-tuned on {_count(v, 'example')}" if method == "finetune" else f"noise x{v:g} std"
             row = _row(spec, label, method, per_item, base, ceiling, **{key: v})
             row["seeds"] = [c["seed"] for c in runs]
             row["per_seed"] = seed_means
@@ -472,6 +472,10 @@ def summarize(
             else None,
         },
     }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _info(c: dict[str, Any]) -> dict[str, Any]:
