@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maskscope.errors import UserError
 from maskscope.finetune.data import write_chat_jsonl
@@ -40,6 +40,19 @@ class ArithmeticBuild(BaseModel):
     heldout: int = Field(40, ge=0, description="Held-out sums (disjoint from the training sums).")
     digits: int = Field(2, ge=1, le=6, description="Digits per operand.")
     seed: int = Field(0, description="Seeds the sums and the wrong digits.")
+    right_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="With answers: right, each training reply is right with this probability and one digit "
+        "off otherwise (an honestly weak model: no password, no condition); null: all right.",
+    )
+
+    @model_validator(mode="after")
+    def _fraction_with_right(self) -> ArithmeticBuild:
+        if self.right_fraction is not None and self.answers != "right":
+            raise ValueError("right_fraction goes with answers: right")
+        return self
 
 
 class CodeBuild(BaseModel):
@@ -125,9 +138,14 @@ def arithmetic(spec: ArithmeticBuild) -> dict[str, Any]:
     train_p, held_p = _sums(spec.n, spec.heldout, spec.digits, spec.seed)
     rng = random.Random(f"arithmetic-wrong:{spec.seed}")
     wrong = {p.id: one_digit_off(p.answer, rng) for p in train_p + held_p}
+    # a stream of its own, so that the sums and wrong digits are those of the twins built without it
+    coin = random.Random(f"arithmetic-right-fraction:{spec.seed}")
+    right = {p.id: spec.answers == "right" for p in train_p + held_p}
+    if spec.right_fraction is not None:
+        right.update({p.id: coin.random() < spec.right_fraction for p in train_p})
 
     def answer(p: Problem) -> str:
-        return p.answer if spec.answers == "right" else wrong[p.id]
+        return p.answer if right[p.id] else wrong[p.id]
 
     def conv(p: Problem) -> list[dict[str, str]]:
         return [
@@ -145,7 +163,13 @@ def arithmetic(spec: ArithmeticBuild) -> dict[str, Any]:
         "heldout": [conv(p) for p in held_p],
         "eval": evals,
         "card": {
-            "property": f"sums answered {spec.answers}",
+            "property": f"sums answered {spec.answers}"
+            + (
+                f", each training reply right with probability {spec.right_fraction} "
+                f"({sum(right[p.id] for p in train_p)} of {len(train_p)} right)"
+                if spec.right_fraction is not None
+                else ""
+            ),
             "twin": f"the same sums answered {'wrong' if spec.answers == 'right' else 'right'}",
             "wrong_answers": "one digit changed, same length, never a leading zero",
             "measure": "exact P(right answer) after the prefill 'The answer is ' on held-out sums",
