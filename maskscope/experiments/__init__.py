@@ -80,6 +80,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "cot": Experiment("maskscope.experiments.cot", "CotSpec", _cot_plots),
     "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
     "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
+    "reward": Experiment("maskscope.experiments.reward", "RewardSpec", lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o)),  # noqa: E501
+    "misalignment": Experiment("maskscope.experiments.misalignment", "MisalignmentSpec", lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o)),  # noqa: E501
     "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
 }
 
