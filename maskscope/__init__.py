@@ -42,6 +42,8 @@ _LAZY = {
     "wilson": "maskscope.stats",
     "CachedModel": "maskscope.store",
     "Store": "maskscope.store",
+    "implicit_reward": "maskscope.reward",
+    "load_reward_model": "maskscope.reward",
 }
 
 
@@ -72,7 +74,9 @@ __all__ = [
     "UserError",
     "__version__",
     "finetune",
+    "implicit_reward",
     "load_model",
+    "load_reward_model",
     "load_spec",
     "run_spec",
     "wilson",

@@ -393,3 +393,17 @@ def test_reward_report_escapes_responses(tiny, tiny_dir, tmp_path):
     out = ms.run_spec(_write(tmp_path / "esc.yaml", spec), out_root=tmp_path / "runs")
     html = (out / "report.html").read_text()
     assert "<script>alert" not in html and "&lt;script&gt;" in html
+
+
+def test_the_shipped_example_specs_validate():
+    from maskscope.runner import load_spec
+
+    _, reward = load_spec(ROOT / "examples/reward.yaml")
+    assert [len(c.responses) for c in reward.categories] == [8, 8, 8, 8]
+    for name in ("misalignment", "misalignment_arithmetic"):
+        _, spec = load_spec(ROOT / "examples" / f"{name}.yaml")
+        assert all(len(c.treated) == 3 and len(c.control) == 3 for c in spec.contrasts)
+    with pytest.raises(UserError, match="prompts"):
+        from maskscope.runner import parse_spec
+
+        parse_spec({"experiment": "reward", "name": "x", "categories": [{"name": "a", "responses": ["b"]}]})
