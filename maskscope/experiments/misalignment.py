@@ -372,7 +372,7 @@ def plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
                             xytext=(4, 4), textcoords="offset points")  # fmt: skip
             ax.set_yticks(range(len(names)), [Path(n.split("+lora:")[-1]).name for n in names], fontsize=7)
             ax.invert_yaxis()
-            ax.set_xlabel("share of sampled answers classed misaligned (coherence: parent NLL/token)")
+            ax.set_xlabel("share of samples classed misaligned (label: parent NLL/token)")
             ax.set_title("Sampled check, 95% intervals", fontsize=9)
         fig.tight_layout()
         path = save_figure(fig, Path(out_dir) / "misalignment.png", dpi=110)
