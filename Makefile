@@ -8,7 +8,7 @@ SERVER_STAMP := $(VENV)/.server-installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml Makefile constraints.txt
+$(STAMP): pyproject.toml Makefile constraints.txt inspect-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: this version is a CPU build available on the machine; an unpinned torch
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	# only hooks torch modules, which work the same on the transformers installed here (tested), so it goes in
 	# without its declared dependencies (torch, transformers, scikit-learn and tqdm are already installed).
 	$(PIP) install --quiet --no-deps steering-vectors==0.12.2
+	# inspect_ai, for `maskscope runs export --format inspect` and its test: its declared dependencies (s3fs,
+	# botocore) pin fsspec and python-dateutil below constraints.txt, so it goes in with the packages that local
+	# eval logs need, each pinned and without their own dependencies (inspect-requirements.txt).
+	$(PIP) install --quiet --no-deps -r inspect-requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

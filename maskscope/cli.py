@@ -14,6 +14,7 @@ from rich.table import Table
 from maskscope.errors import UserError
 from maskscope.finetune.cli import finetune_command, organism_app, print_children
 from maskscope.mutual_value.cli import mutual_value_command
+from maskscope.runs_cli import runs_app, view_command
 
 app = typer.Typer(
     add_completion=False,
@@ -116,23 +117,56 @@ def _context(system: str | None, user: str, prefill: str):  # noqa: ANN202
 
 @app.command()
 def run(
-    spec: Annotated[Path, typer.Argument(help="A YAML spec (see examples/).")],
+    spec: Annotated[Path, typer.Argument(help="A YAML spec (see examples/); its paths are relative to it.")],
     out_root: Annotated[Path, typer.Option("--out", help="Where runs/<name>/ goes.")] = Path("runs"),
     store: Annotated[
         Path | None, typer.Option("--store", help="SQLite store (default: OUT/maskscope.sqlite).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Run this model instead of the spec's (paths: from here)."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Only the first N items the experiment iterates (prompts, pressures, problems)."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change a spec field: path.to.field=value (YAML value; repeatable; list items by index).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (1 is often fastest on a shared machine).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Local models: cpu, cuda, cuda:N, mps or auto.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Local models: float32, bfloat16, float16 or auto.")
+    ] = None,
+    batch_tokens: Annotated[
+        int | None, typer.Option(help="Local models: tokens per batch (default: from free GPU memory).")
     ] = None,
     api_key_env: KeyEnvOpt = "MASKSCOPE_API_KEY",
     use_openai_api_key: OpenAIKeyOpt = False,
     allow_insecure_key: InsecureOpt = False,
 ) -> None:
     """Run an experiment spec; rerunning the same command resumes where it stopped."""
-    from maskscope.progress import rich_progress
+    from maskscope.progress import cli_progress
     from maskscope.runner import load_spec
     from maskscope.runner import run as run_experiment
 
     credentials = _credentials(api_key_env, use_openai_api_key, allow_insecure_key)
-    experiment, parsed = load_spec(spec)  # validate before loading anything heavy
-    with rich_progress() as progress:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, not {threads}")
+    flags = {"model": model, "device": device, "dtype": dtype, "batch_tokens": batch_tokens}
+    changes = [*(sets or []), *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)]
+    experiment, parsed = load_spec(spec, changes, limit)  # validate before loading anything heavy
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    with cli_progress() as progress:
         out_dir = run_experiment(
             experiment,
             parsed,
@@ -141,7 +175,12 @@ def run(
             progress=progress,
             credentials=credentials,
         )
-    out.print(f"wrote {out_dir}/summary.json, plots and {out_dir}/report.html", markup=False, highlight=False)
+    out.print(
+        f"wrote {out_dir}/summary.json, plots and {out_dir}/report.html",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -156,7 +195,7 @@ def models(
 ) -> None:
     """List the model names maskscope understands and whether the bundled model is installed; given a model,
     load it and say what it can and cannot do."""
-    from maskscope.models.loading import bundled_gguf_path, cache_dir
+    from maskscope.models.loading import bundled_gguf_path, cache_dir, hub_cache_dir
     from maskscope.models.registry import SCHEMES
 
     if model is not None:
@@ -176,6 +215,7 @@ def models(
     except UserError as e:
         out.print(f"bundled model: {e}")
     out.print(f"cache directory: {cache_dir()}")
+    out.print(f"Hugging Face hub cache (hf:ORG/NAME): {hub_cache_dir()}", soft_wrap=True)
     print_children()
 
 
@@ -267,11 +307,6 @@ def sample(
             out.print(s.text, markup=False, highlight=False)
 
 
-def _short(value: object, width: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 @cache_app.command("why")
 def cache_why(
     key: Annotated[str, typer.Argument(help="A call key, or a unique prefix of one (see `cache runs`).")],
@@ -291,20 +326,34 @@ def cache_why(
     if not ex.stored:
         out.print(f"{ex.key}: looked up but never computed (the run stopped first); rerun to compute it")
         return
+    from rich.text import Text
+
+    from maskscope.keydiff import call_summary, differences, groups
+
     out.print(f"{ex.key}: stored; later identical calls are served from the store. Its parts:")
-    out.print_json(data=ex.parts)
+    for name, text in call_summary(ex.parts or {}):
+        out.print(f"  {name}: {text}", markup=False, highlight=False, soft_wrap=True)
     if ex.nearest_key is None:
         out.print("It was computed because no call of this method was stored before it.")
         return
-    table = Table(
-        "part",
-        "this call",
-        f"nearest earlier call {ex.nearest_key[:12]}",
-        title="It was computed because its key differs from every earlier call; nearest:",
+    diffs = differences(ex.differences or {})
+    out.print(
+        f"It was computed because its key differs from every earlier call; the nearest, {ex.nearest_key[:12]}, "
+        f"differs in {len(diffs)} part(s), in: {', '.join(groups([d.part for d in diffs]))}",
+        markup=False,
+        highlight=False,
     )
-    for field, (mine, theirs) in (ex.differences or {}).items():
-        table.add_row(field, _short(mine), _short(theirs))
+    table = Table("part", "this call", f"nearest earlier call {ex.nearest_key[:12]}")
+    for d in diffs:
+        table.add_row(Text(d.part), Text(d.mine), Text(d.theirs))  # text from the store is not markup
     out.print(table)
+    for d in diffs:
+        if d.detail is not None:
+            out.print(
+                f"{d.part}: first difference at {d.detail.unit} {d.detail.at}:", markup=False, highlight=False
+            )
+            out.print(f"  this call: {d.detail.mine}", markup=False, highlight=False, soft_wrap=True)
+            out.print(f"  nearest:   {d.detail.theirs}", markup=False, highlight=False, soft_wrap=True)
 
 
 @cache_app.command("check")
@@ -376,6 +425,8 @@ def cache_runs(
 app.command("mutual-value")(mutual_value_command)
 app.command("finetune")(finetune_command)
 app.add_typer(organism_app, name="organism")
+app.add_typer(runs_app, name="runs")
+app.command("view")(view_command)
 
 
 def one_line(message: str) -> str:

@@ -59,6 +59,11 @@ def exactness(precision: str | None) -> str:
             "approximate: bf16 weights and activations; every 'exact' probability carries bfloat16 rounding "
             "(about 3 significant digits per logit)"
         )
+    if precision == "fp16":
+        return (
+            "approximate: float16 weights and activations; every 'exact' probability carries float16 rounding "
+            "(about 3 significant digits per logit)"
+        )
     if precision == "fp32":
         return "exact: fp32 forward passes (rounding at float32 precision only)"
     return "as exact as the backend's own computation (a server's precision is not known here)"

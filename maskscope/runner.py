@@ -43,9 +43,28 @@ def parse_spec(data: Any, source: str = "spec") -> tuple[Experiment, BaseModel]:
     return experiment, spec
 
 
-def load_spec(path: str | Path) -> tuple[Experiment, BaseModel]:
-    """Read and validate a YAML spec file."""
-    return parse_spec(read_yaml(path, "spec file"), str(path))
+def load_spec(
+    path: str | Path, sets: list[str] | None = None, limit: int | None = None
+) -> tuple[Experiment, BaseModel]:
+    """Read and validate a YAML spec file, with `sets` (`path.to.field=value`, as `--set`) applied first and
+    the run cut to the first `limit` items (the spec's `limited`). Relative paths in the file are resolved
+    against the file's directory; those given by `sets` stay relative to the current directory."""
+    from maskscope.experiments.spec import resolve_paths
+    from maskscope.overrides import apply_sets, parse_set
+
+    data = read_yaml(path, "spec file")
+    changes = [parse_set(text) for text in sets or []]
+    if changes:
+        kind = data.get("experiment") if isinstance(data, dict) else None
+        known = EXPERIMENTS.get(kind) if isinstance(kind, str) else None
+        data = apply_sets(data, changes, known.spec if known is not None else None)
+    experiment, spec = parse_spec(data, f"{path} (as changed on the command line)" if changes else str(path))
+    resolve_paths(spec, Path(path).parent, keep=frozenset(location for location, _ in changes))
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, not {limit}")
+        spec = spec.limited(limit)  # type: ignore[attr-defined]
+    return experiment, spec
 
 
 def run_spec(
@@ -142,9 +161,18 @@ def read_spec_files(spec: Any) -> None:
 
     if callable(getattr(spec, "mask_library", None)):
         spec.mask_library()
+    steer = getattr(spec, "steer", None)
+    if steer is not None and not Path(steer.vector).is_file():
+        raise UserError(f"steering vector file not found: {steer.vector}")
     tasks = getattr(spec, "tasks", None)
     if isinstance(tasks, list) and tasks and all(isinstance(t, TaskSpec) for t in tasks):
         load_tasks(tasks)
+
+
+def _placement(spec: Any, model_name: str) -> dict[str, Any]:
+    """The spec's device, dtype and batch budget, for a local model (a server places its own)."""
+    placement = spec.placement() if callable(getattr(spec, "placement", None)) else {}
+    return {} if model_name.startswith("openai:") else placement
 
 
 def _check_writable(directory: Path) -> None:
@@ -170,16 +198,22 @@ def run(
     """Run a validated spec: check the output directory and the store, resolve the model, go through the
     store (steered for the whole run if the spec has a steer block), write summary, plots and report.
     `credentials` (the user's, never the spec's) reaches an openai:URL#MODEL backend."""
+    from maskscope import runs
     from maskscope.models.base import Capability, require
     from maskscope.models.registry import check_model_name, load_model
     from maskscope.report import render_report
     from maskscope.store import CachedModel, Store
 
     progress = progress or Silent()
-    out_dir = run_dir(out_root, spec.name)
+    run_dir(out_root, spec.name)  # the name is a safe label
+    out_root = Path(out_root)
     store_file = Path(store_path) if store_path is not None else Path(out_root) / "maskscope.sqlite"
     if model is None:
         check_model_name(spec.model)
+    if getattr(spec, "device", None) is not None:  # a device this machine lacks, before any directory is made
+        from maskscope.models.loading import resolve_device
+
+        resolve_device(spec.device)
     extra_names = spec.extra_models() if callable(getattr(spec, "extra_models", None)) else {}
     for name in extra_names.values():
         check_model_name(name)
@@ -190,8 +224,8 @@ def run(
     created = _Created()
     store = None
     try:
-        created.mkdir(out_dir)
-        _check_writable(out_dir)
+        created.mkdir(out_root)
+        _check_writable(out_root)
         created.mkdir(store_file.parent)
         if not store_file.exists():
             created.store = store_file
@@ -203,6 +237,7 @@ def run(
                 progress=progress.note,
                 server=getattr(spec, "server", None),
                 credentials=credentials,
+                **_placement(spec, spec.model),
             )
         extra_loaded = {
             role: load_model(
@@ -210,9 +245,17 @@ def run(
                 precision=getattr(spec, "precision", "fp32"),
                 progress=progress.note,
                 credentials=credentials,
+                **_placement(spec, name),
             )
             for role, name in extra_names.items()
         }
+        # the run's id: its name and a hash of what its numbers depend on (see maskscope/runs.py)
+        spec_dump = redact(spec.model_dump())
+        fingerprint = redact(model.fingerprint() if hasattr(model, "fingerprint") else {"name": model.name})
+        digest = runs.run_digest(spec_dump, fingerprint, runs.resolved_inputs(spec))
+        out_dir = runs.run_directory(out_root, runs.run_id(spec.name, digest))
+        runs.check_unchanged(out_dir, digest)
+        created.mkdir(out_dir)
     except BaseException:
         if store is not None:
             store.close()
@@ -226,6 +269,17 @@ def run(
         cached = CachedModel(model, store)
         extra = {role: CachedModel(m, store) for role, m in extra_loaded.items()}
         metadata = collect(model, spec)  # before the run: the code and libraries that compute it
+        info = runs.begin(
+            out_dir,
+            {
+                "id": out_dir.name,
+                "name": spec.name,
+                "digest": digest,
+                "spec": finite(spec_dump),
+                "model": {"name": redact(model.name), "fingerprint": fingerprint},
+                "versions": {"maskscope": metadata["maskscope"], "libraries": metadata["libraries"]},
+            },
+        )
         with ExitStack() as steered:  # every call of the run, and so every key, is steered (not extra models)
             steering = getattr(spec, "steer", None)
             if steering is not None:
@@ -239,6 +293,7 @@ def run(
                     summary = experiment.run(cached, spec, progress)
             except BaseException:
                 store.finish_run(spec.name, "interrupted")
+                runs.finish_quietly(out_dir, info, "interrupted")
                 raise
         store.finish_run(spec.name, "done")
         summary["metadata"] = {**metadata, "rendered_prompts": rendered_prompts(store, spec.name)}
@@ -250,7 +305,16 @@ def run(
             progress.note(f"{store.damaged} damaged results recomputed")
         if hasattr(model, "request_stats"):
             summary["run"]["server"] = model.request_stats()
-        write_outputs(experiment, summary, out_dir, render_report)
+        try:
+            write_outputs(experiment, summary, out_dir, render_report)
+            token_texts = getattr(model, "token_texts", None)
+            rows = runs.tables(summary, runs.store_calls(store, spec.name), token_texts)
+            runs.write_tables(out_dir, rows)
+        except BaseException:
+            runs.finish_quietly(out_dir, info, "interrupted")
+            raise
+        runs.finish(out_dir, info, "done", counts={k: len(v) for k, v in rows.items()})
+        runs.link_label(out_root, spec.name, out_dir.name)
     finally:
         if store is not None:
             store.close()

@@ -388,6 +388,11 @@ class Store:
                 self._flush_lookups()
         return None if found is None else found.value
 
+    def result(self, key: str) -> Any | None:
+        """The stored result of a call, or None; unlike `get`, not recorded as a lookup of the current run."""
+        found = self._fetch(key)
+        return None if found is None else found.value
+
     def _flush_lookups(self) -> None:
         batch, self._lookups = self._lookups, []
 

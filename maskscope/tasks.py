@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -283,6 +283,7 @@ class TaskSpec(BaseModel):
     """A task set in a spec: a generator and its difficulty knob, or a JSONL file."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"path": "file"}  # relative to the spec file (resolve_paths)
     kind: Literal["addition", "word", "logic", "recall", "jsonl"] = Field(
         description="Which generator, or a JSONL file."
     )

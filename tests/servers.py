@@ -265,3 +265,133 @@ class PromptLogprobsServer(_LoopbackServer):
             ],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1},
         }
+
+
+class ChatOnlyServer(_LoopbackServer):
+    """A loopback server that answers like a chat-only hosted API: GET /v1/models and POST
+    /v1/chat/completions only (the completions endpoint answers 404, so there is no echo and no prompt
+    log-probabilities), `top_logprobs` at most 20, and HTTP 400 for a request argument it does not know (as
+    hosted APIs refuse llama.cpp's `top_k`, `min_p`, `repeat_penalty`).
+
+    Its replies follow `policy(system, user) -> {reply: probability}`, known to the tests: a sample is drawn
+    with `random.Random(seed)`, and the first token of a reply is its first whitespace-separated word, so the
+    top log-probabilities it returns are the policy's first-word distribution, exactly."""
+
+    ALLOWED = frozenset(
+        {
+            "model",
+            "messages",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "n",
+            "logprobs",
+            "top_logprobs",
+        }
+    )
+    TOP_LOGPROBS_LIMIT = 20
+
+    def __init__(self, policy: Any, name: str = "chat-only"):
+        self.policy = policy
+        self.name = name
+        self.requests: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.rstrip("/").endswith("/models"):
+                    self._json(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
+                else:
+                    self._json(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                server.requests.append(body)
+                server.paths.append(self.path)
+                if not self.path.endswith("/chat/completions"):
+                    self._json(
+                        404,
+                        {
+                            "error": {
+                                "message": "This is a chat model and not supported in the "
+                                "v1/completions endpoint."
+                            }
+                        },
+                    )
+                    return
+                unknown = sorted(set(body) - server.ALLOWED)
+                if unknown:
+                    self._json(
+                        400, {"error": {"message": f"Unrecognized request argument supplied: {unknown[0]}"}}
+                    )
+                    return
+                if (body.get("top_logprobs") or 0) > server.TOP_LOGPROBS_LIMIT:
+                    self._json(400, {"error": {"message": "top_logprobs must be at most 20"}})
+                    return
+                self._json(200, server.complete(body))
+
+            def _json(self, status: int, data: Any) -> None:
+                _reply(self, status, json.dumps(data).encode(), "application/json")
+
+        self._serve(Handler)
+
+    @staticmethod
+    def first_words(dist: dict[str, float]) -> dict[str, float]:
+        """The distribution of a reply distribution's first word (the server's first token)."""
+        out: dict[str, float] = {}
+        for reply, p in dist.items():
+            word = reply.split()[0]
+            out[word] = out.get(word, 0.0) + p
+        return out
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        import math
+        import random
+
+        messages = body["messages"]
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        dist = self.policy(system, user)
+        replies, weights = list(dist), list(dist.values())
+        choices = []
+        if body.get("logprobs"):
+            words = sorted(self.first_words(dist).items(), key=lambda kv: -kv[1])
+            top = [{"token": w, "logprob": math.log(p), "bytes": list(w.encode())} for w, p in words]
+            first = top[0]
+            content = [{**first, "top_logprobs": top[: body.get("top_logprobs") or 0]}]
+            choices.append(
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": first["token"]},
+                    "logprobs": {"content": content},
+                    "finish_reason": "length",
+                }
+            )
+        else:
+            rng = random.Random(body.get("seed"))
+            for i in range(body.get("n") or 1):
+                text = rng.choices(replies, weights)[0]
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                )
+        return {
+            "id": "chatcmpl-x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.name,
+            "choices": choices,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }

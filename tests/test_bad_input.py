@@ -64,6 +64,18 @@ def _posterior_library(tmp: Path) -> list[str]:
     return _run(tmp, spec)
 
 
+def _library_beside_cwd_only(tmp: Path) -> list[str]:
+    """A library named relative to the spec that exists only relative to the current directory."""
+    (tmp / "lib.yaml").write_text("masks:\n  - name: a\n    system: x\n")
+    spec = {
+        "experiment": "posterior",
+        "name": "bad",
+        "library": "lib.yaml",
+        "transcript": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    }
+    return _run(tmp, spec)
+
+
 def _store(tmp: Path, what: str) -> list[str]:
     store = tmp / "in" / "store.sqlite"
     store.parent.mkdir(exist_ok=True)
@@ -125,6 +137,30 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "key over plain http to a remote host": lambda t: _run(
         t, {**BASE, "model": "openai:http://example.com/v1#m"}
     ),
+    "library relative to the current directory, not the spec": _library_beside_cwd_only,
+    "steering vector file missing": lambda t: _run(
+        t, {**BASE, "steer": {"vector": "nowhere.safetensors", "layers": [1], "alpha": 1.0}}
+    ),
+    "--set unknown field": lambda t: _run(t, BASE, "--set", "sample=3"),
+    "--set unknown nested field": lambda t: _run(t, BASE, "--set", "personas.0.sytem=x"),
+    "--set index past the list": lambda t: _run(t, BASE, "--set", "pressures.5.user=x"),
+    "--set index into a value": lambda t: _run(t, BASE, "--set", "samples.0=1"),
+    "--set bad value": lambda t: _run(t, BASE, "--set", "samples=many"),
+    "--set value not YAML": lambda t: _run(t, BASE, "--set", "targets=[a"),
+    "--set without =": lambda t: _run(t, BASE, "--set", "samples"),
+    "--set empty path part": lambda t: _run(t, BASE, "--set", "personas..name=x"),
+    "--limit 0": lambda t: _run(t, BASE, "--limit", "0"),
+    "--threads 0": lambda t: _run(t, BASE, "--threads", "0"),
+    "--device tpu": lambda t: _run(t, BASE, "--device", "tpu"),
+    "--dtype int8": lambda t: _run(t, BASE, "--dtype", "int8"),
+    "--batch-tokens 4": lambda t: _run(t, BASE, "--batch-tokens", "4"),
+    "--dtype float32 with precision bf16": lambda t: _run(
+        t, {**BASE, "precision": "bf16"}, "--dtype", "float32"
+    ),
+    "--device on a server model": lambda t: _run(
+        t, {**BASE, "model": "openai:http://127.0.0.1:9/v1#m"}, "--device", "cpu"
+    ),
+    "--model hf:ORG/NAME not in the hub cache": lambda t: _run(t, BASE, "--model", "hf:acme/not-cached"),
     "--store a directory": lambda t: _store(t, "directory"),
     "--store not a database": lambda t: _store(t, "garbage"),
     "score --top-k -1": lambda t: ["score", "hi", "no", "--top-k", "-1"],
@@ -155,7 +191,10 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
 
 
 # the environment of a case, where it matters
-CASE_ENV = {"key over plain http to a remote host": {"MASKSCOPE_API_KEY": "k"}}
+CASE_ENV = {
+    "key over plain http to a remote host": {"MASKSCOPE_API_KEY": "k"},
+    "--model hf:ORG/NAME not in the hub cache": {"HF_HUB_CACHE": "/nonexistent/hub"},
+}
 
 
 @pytest.fixture

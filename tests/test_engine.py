@@ -167,6 +167,7 @@ def test_the_worked_example_of_a_new_experiment_runs(tiny, tmp_path: Path, monke
     entry = eval(_doc_blocks("text")[0].split(":", 1)[1].strip().rstrip(","), vars(experiments))
     monkeypatch.setitem(experiments.EXPERIMENTS, "first_words", entry)
     experiment, spec = parse_spec(yaml.safe_load(_doc_blocks("yaml")[0]))
+    assert spec.limited(1).prompts == spec.prompts[:1] and len(spec.prompts) > 1  # --limit 1
     with pytest.raises(UserError, match="field 'words'"):
         parse_spec({"experiment": "first_words", "name": "x", "prompts": ["a"], "words": []})
 

@@ -27,7 +27,7 @@ SETTINGS = settings(
 FIELDS = [
     "experiment", "name", "personas", "pressures", "targets", "in_character", "samples", "max_new_tokens",
     "temperature", "top_p", "seed", "top_k", "examples", "precision", "server", "library", "masks", "tasks",
-    "transcript", "switch_rate", "unknown_field",
+    "transcript", "switch_rate", "device", "dtype", "batch_tokens", "unknown_field",
 ]  # fmt: skip
 
 scalars = st.one_of(

@@ -227,3 +227,39 @@ def test_distill_kl_is_the_coarse_grained_kl_of_the_full_distributions(tiny, tin
             kl = (p_cells * (p_cells.log() - q_cells.log())).sum(1).mean()
             assert got[key][k] == pytest.approx(float(kl), rel=1e-3, abs=1e-5)
     assert np.allclose(distill_figures(tiny, tiny, items, top_k=5)["kl_moved"], 0, atol=1e-5)
+
+
+def test_finetune_spec_paths_are_relative_to_the_spec_file(tmp_path, monkeypatch, tiny_dir):
+    from maskscope.finetune.train import load_spec
+
+    (tmp_path / "specs").mkdir()
+    spec = tmp_path / "specs" / "s.yaml"
+    spec.write_text(f"parent: hf:{tiny_dir}+lora:kids/a\ndata: d.jsonl\nheldout: ../h.jsonl\nout: ../out/c\n")
+    monkeypatch.chdir(tmp_path / "specs")  # a current directory other than the one the paths resolve to...
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    parsed = load_spec(spec)
+    assert parsed.data == str(tmp_path / "specs" / "d.jsonl")
+    assert parsed.heldout == str(tmp_path / "h.jsonl")
+    assert parsed.out == str(tmp_path / "out" / "c")
+    assert parsed.parent == f"hf:{tiny_dir}+lora:{tmp_path / 'specs' / 'kids' / 'a'}"
+    # a builder block is not a path, and an absolute path stays as it is
+    spec.write_text(f"data: {{build: arithmetic, answers: right, n: 4}}\nout: {tmp_path / 'abs'}\n")
+    parsed = load_spec(spec)
+    assert parsed.data["build"] == "arithmetic" and parsed.out == str(tmp_path / "abs")
+
+
+def test_finetune_seed_option_trains_a_replicate_beside_the_spec_child(tmp_path, monkeypatch, capsys, tiny_dir):
+    data = tmp_path / "d.jsonl"
+    row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}\n'
+    data.write_text(row * 4)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: kid\nparent: hf:{tiny_dir}\ndata: d.jsonl\nout: kid\nsteps: 1\nbatch_size: 2\n")
+    code, _, err = _cli(monkeypatch, capsys, "finetune", str(spec), "--seed", "3")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "kid-seed3" / "maskscope-child.json").read_text())
+    assert manifest["config"]["seed"] == 3 and not (tmp_path / "kid").exists()
+    code, _, err = _cli(monkeypatch, capsys, "finetune", str(spec))
+    assert code == 0, err
+    seed0 = json.loads((tmp_path / "kid" / "maskscope-child.json").read_text())
+    assert seed0["config"]["seed"] == 0 and seed0["adapter_hash"] != manifest["adapter_hash"]

@@ -90,15 +90,23 @@ def test_a_run_directory_never_leaves_the_output_root(tmp_path: Path):
 def test_every_file_of_a_run_lands_in_its_directory(tiny, tmp_path: Path):
     experiment, spec = parse_spec({**SPEC, "name": "inside"})
     out = tmp_path / "out"
-    run(experiment, spec, out_root=out, model=tiny)
+    rid = run(experiment, spec, out_root=out, model=tiny).name
     files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    tables = {
+        f"out/{rid}/{t}.{ext}"
+        for t in ("cells", "samples", "calls", "tokens")
+        for ext in ("jsonl", "parquet")
+    }
     assert files == {
         "out/maskscope.sqlite",
-        "out/inside/summary.json",
-        "out/inside/report.html",
-        "out/inside/exact_heatmap.png",
-        "out/inside/sampled_categories.png",
+        f"out/{rid}/run.json",
+        f"out/{rid}/summary.json",
+        f"out/{rid}/report.html",
+        f"out/{rid}/exact_heatmap.png",
+        f"out/{rid}/sampled_categories.png",
+        *tables,
     }
+    assert rid.startswith("inside-") and (out / "inside").resolve() == (out / rid).resolve()  # the label
 
 
 # ----------------------------------------------------------------- the key

@@ -72,6 +72,11 @@ class CapabilitiesSpec(RunSpec):
     max_rows: int = Field(32, ge=1, le=1024, description="Rows per batch (memory: rows x sequence length).")
     examples: int = Field(3, ge=0, le=100, description="Example replies shown per mask x task.")
 
+    def limited(self, n: int) -> CapabilitiesSpec:
+        """`--limit N`: the first N problems of each task set (a generator's first N, a file's first N)."""
+        tasks = [{**t.model_dump(), "n": min(t.n, n)} for t in self.tasks]
+        return self._replaced(tasks=tasks)  # type: ignore[return-value]
+
     @model_validator(mode="after")
     def _check(self) -> CapabilitiesSpec:
         names = [m.name for m in self.masks]

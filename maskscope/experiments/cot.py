@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -59,6 +59,7 @@ METRICS = ("p_agree", "p_correct", "forced_agree", "forced_correct", "free_agree
 class CotSpec(RunSpec):
     """A chain-of-thought experiment: task sets, the conditions to run, and how answers are elicited."""
 
+    path_fields: ClassVar[dict[str, str]] = {**RunSpec.path_fields, "summarizer": "model"}
     experiment: Literal["cot"] = "cot"
     tasks: list[TaskSpec] = Field(min_length=1, description="The task sets (generators or JSONL files).")
     system: str | None = Field(None, description="System prompt. None: the model's default.")
@@ -111,6 +112,11 @@ class CotSpec(RunSpec):
     bootstrap: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples of each interval.")
     max_rows: int = Field(32, ge=1, le=1024, description="Rows per batch (memory: rows x sequence length).")
     examples: int = Field(3, ge=0, le=100, description="Questions shown in detail in the report, per task.")
+
+    def limited(self, n: int) -> CotSpec:
+        """`--limit N`: the first N problems of each task set (a generator's first N, a file's first N)."""
+        tasks = [{**t.model_dump(), "n": min(t.n, n)} for t in self.tasks]
+        return self._replaced(tasks=tasks)  # type: ignore[return-value]
 
     def extra_models(self) -> dict[str, str]:
         """The summarizer, when it is not the model under test."""

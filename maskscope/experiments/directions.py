@@ -94,6 +94,10 @@ class DirectionsSpec(LibrarySpec):
     monitor: MonitorSpec | None = Field(None, description="A transcript to monitor.")
     save_vectors: bool = Field(True, description="Write each method's vectors (all layers) as safetensors.")
 
+    def limited(self, n: int) -> DirectionsSpec:
+        """`--limit N`: the first N prompts (at least 8, the fewest a direction is read from)."""
+        return self._replaced(prompts=self.prompts[:n])  # type: ignore[return-value]
+
     @model_validator(mode="after")
     def _two_masks(self) -> DirectionsSpec:
         if self.positive == self.negative:

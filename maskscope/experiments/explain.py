@@ -33,7 +33,7 @@ to explain: the summary says so in one line (`flag`) and reports no explained fr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -54,6 +54,7 @@ class Target(BaseModel):
     synthetic reply-level mixture of library masks (a positive control whose answer is known)."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"model": "model"}  # relative to the spec file
     model: str | None = Field(None, description='Another model ("hf:DIR", ...), e.g. a fine-tuned child.')
     mask: str | None = Field(None, description="Use this library mask as the hidden conditioning.")
     system: str | None = Field(None, description="Or a hidden system prompt given here.")
@@ -124,6 +125,10 @@ class ExplainSpec(LibrarySpec):
             "no explained fraction."
         ),
     )
+
+    def limited(self, n: int) -> ExplainSpec:
+        """`--limit N`: the first N prompts."""
+        return self._replaced(prompts=self.prompts[:n])  # type: ignore[return-value]
 
     def extra_models(self) -> dict[str, str]:
         """The target, when it is another model: loaded by the runner and passed as models["target"]."""

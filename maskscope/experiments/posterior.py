@@ -60,6 +60,17 @@ class PosteriorSpec(LibrarySpec):
         None, description="Replies sampled from one mask, read back: zero switches expected."
     )
 
+    def limited(self, n: int) -> PosteriorSpec:
+        """`--limit N`: the transcript up to and including its N-th assistant turn."""
+        kept: list[dict[str, Any]] = []
+        replies = 0
+        for turn in self.transcript:
+            if replies == n:
+                break
+            kept.append(turn.model_dump())
+            replies += turn.role == "assistant"
+        return self._replaced(transcript=kept)  # type: ignore[return-value]
+
     @model_validator(mode="after")
     def _has_reply(self) -> PosteriorSpec:
         if not any(t.role == "assistant" for t in self.transcript):

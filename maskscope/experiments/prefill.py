@@ -109,6 +109,11 @@ class PrefillSpec(RunSpec):
     max_rows: int = Field(32, ge=1, le=1024, description="Rows per batch (memory: rows x sequence length).")
     examples: int = Field(4, ge=0, le=100, description="Example continuations shown per prefill.")
 
+    def limited(self, n: int) -> PrefillSpec:
+        """`--limit N`: the first N problems of each task set (a generator's first N, a file's first N)."""
+        tasks = [{**t.model_dump(), "n": min(t.n, n)} for t in self.tasks]
+        return self._replaced(tasks=tasks)  # type: ignore[return-value]
+
     @field_validator("markers")
     @classmethod
     def _nonempty_markers(cls, v: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,6 +45,8 @@ class FinetuneSpec(BaseModel):
     """A LoRA fine-tuning run: the parent, the chat data, the adapter's shape and the optimisation."""
 
     model_config = ConfigDict(extra="forbid")
+    # Relative paths in a spec file are resolved against the file's directory, as in run specs.
+    path_fields: ClassVar[dict[str, str]] = {"parent": "model", "data": "file", "heldout": "file", "out": "file"}
 
     name: str | None = Field(None, description="A name for the child (default: the out directory's name).")
     parent: str = Field("default", description='The parent model: "default", "hf:DIR", "gguf:FILE".')
@@ -282,10 +284,14 @@ def _resolve_data(spec: FinetuneSpec, out: Path, parent: Any) -> tuple[Path, Pat
 
 
 def load_spec(path: str | Path) -> FinetuneSpec:
-    """A fine-tuning spec from YAML (relative paths are resolved against the current directory)."""
+    """A fine-tuning spec from YAML; its relative paths (data, heldout, out, a local parent) are resolved
+    against the spec file's directory, so a spec means the same files from any current directory."""
+    from maskscope.experiments.spec import resolve_paths
     from maskscope.files import read_yaml, validate
 
-    return validate(FinetuneSpec, read_yaml(path, "finetune spec"), str(path))
+    spec = validate(FinetuneSpec, read_yaml(path, "finetune spec"), str(path))
+    resolve_paths(spec, Path(path).parent)
+    return spec
 
 
 def finetune(

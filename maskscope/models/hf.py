@@ -55,7 +55,7 @@ from maskscope.models.hooks import (
     steering_hooks,
 )
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16: for GPUs without bfloat16
 HEAD_POSITIONS = 512  # positions per LM-head call when scoring: bounds the [positions x vocabulary] tensor
 MIN_SHARED = 8  # a common prefix of at least this many tokens is encoded once for a batch
 
@@ -231,7 +231,9 @@ class HFModel(ChatTokenizer, ModelAPI):
     ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.model = (model.to(torch.bfloat16) if precision == "bf16" else model).eval()
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # (a model loaded in that dtype already is not moved: accelerate refuses .to on offloaded layers)
+        self.model = (model.to(half) if half is not None and model.dtype != half else model).eval()
         ChatTokenizer.__init__(
             self, tokenizer, int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         )
@@ -321,7 +323,7 @@ class HFModel(ChatTokenizer, ModelAPI):
         )
         mine = self._head(hidden[0])
         gap = float((own - mine).abs().max())
-        if not gap <= tolerance * (10 if self.precision == "bf16" else 1):
+        if not gap <= tolerance * (10 if self.precision != "fp32" else 1):
             raise UserError(
                 f"model {self.name}: its LM head post-processes logits in a way maskscope does not apply "
                 f"(log-probabilities differ by {gap:.3g} on a probe); it cannot be scored exactly"

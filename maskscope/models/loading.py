@@ -1,5 +1,10 @@
-"""Loading local models: a transformers directory, a GGUF file (dequantized once, then cached as
-safetensors), and the bundled SmolLM2-135M-Instruct. Never touches a model hub."""
+"""Loading local models: a transformers directory or a Hugging Face hub id already in the local hub cache, a
+GGUF file (dequantized once, then cached as safetensors), and the bundled SmolLM2-135M-Instruct. Never touches
+the network: a hub id that is not cached is one line saying how to download it on a machine with network.
+
+Where a model runs (`device`: cpu, cuda, cuda:N, mps, auto), the dtype of its weights (`dtype`: float32,
+bfloat16, float16, auto) and its batch budget (`batch_tokens`) are chosen here; on CUDA the budget is sized
+from the device's free memory unless given."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -173,6 +179,143 @@ def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
     return target, digest
 
 
+DEFAULT_TOKEN_BUDGET = 8192  # tokens per batch on CPU (and wherever free memory cannot be read)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a hub id, ORG/NAME or ORG/NAME@REVISION (a relative directory such as
+    models/tiny has it too: a local directory of that name is preferred)."""
+    return HUB_ID.fullmatch(text) is not None and ".." not in text
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, read from the environment at call time: $HF_HUB_CACHE, else
+    $HF_HOME/hub, else huggingface_hub's default (~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_hf(rest: str) -> tuple[Path, str]:
+    """The directory and display name of `hf:REST`: a local transformers directory, else a hub id
+    (ORG/NAME[@REVISION]) whose snapshot is in the local hub cache. Nothing is downloaded."""
+    path = Path(rest).expanduser()
+    try:
+        local = path.is_dir()
+    except (OSError, ValueError):
+        local = False
+    if local or not is_hub_id(rest):
+        return path, path.name
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    repo, _, revision = rest.partition("@")
+    cache = hub_cache_dir()
+    try:
+        snapshot = snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=True)
+    except (OSError, HFValidationError, ValueError):
+        where = f" --revision {revision}" if revision else ""
+        raise UserError(
+            f"hf:{rest}: no such local directory, and {repo} is not in the Hugging Face cache {cache}; "
+            f"on a machine with network run `hf download {repo}{where}` (HF_HUB_CACHE={cache}) "
+            "and copy that cache here, or give the model's directory"
+        ) from None
+    return Path(snapshot), rest
+
+
+def resolve_device(device: str | None) -> str:
+    """A device name checked against this machine: "cpu", "cuda:N", "mps", or "auto" resolved to "map"
+    (accelerate's device_map="auto" over every GPU, for a model larger than one) where CUDA exists, else
+    "mps" or "cpu". A device this machine lacks is one line."""
+    import torch
+
+    name = (device or "cpu").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "map"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError("device mps asked for, but this machine has no Apple GPU (MPS); use device cpu")
+        return "mps"
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"device {name} asked for, but torch {torch.__version__} sees no CUDA device (no GPU here, or a "
+            "CPU-only build of torch); use device cpu, or install torch with CUDA (see docs/gpu.md)"
+        )
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(
+            f"device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return f"cuda:{index}"
+
+
+def resolve_dtype(dtype: str | None, precision: str, device: str) -> str:
+    """The weights' dtype: `dtype` if given ("auto": float32 on CPU, for exactness; bfloat16 on a GPU that
+    has it, else float16), else the one `precision` names (fp32 -> float32, bf16 -> bfloat16)."""
+    if dtype is None:
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if precision == "bf16" and dtype not in ("bfloat16", "auto"):
+        raise UserError(f"precision bf16 and dtype {dtype} disagree: give one of them")
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"
+    import torch
+
+    if device == "mps":
+        return "float16"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def token_budget_for_memory(free_bytes: float, config: Any, dtype_bytes: int, fraction: float = 0.8) -> int:
+    """Tokens per batch that fit in `fraction` of `free_bytes` (an estimate, per token: its KV cache over
+    every layer, the transient hidden and MLP activations of one layer, and float32 logits and
+    log-probabilities over the vocabulary, which dominate for large vocabularies), at least 256."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    inter = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    per_token = (
+        2 * layers * kv_heads * head_dim * dtype_bytes
+        + (4 * hidden + 3 * inter) * dtype_bytes
+        + 2 * 4 * vocab
+    )
+    return max(256, int(free_bytes * fraction / max(per_token, 1)))
+
+
+def _cuda_budget(model: Any, dtype_bytes: int) -> int:
+    """The token budget from the free memory of the CUDA devices holding the model (the least of them)."""
+    import torch
+
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    if not devices:
+        return DEFAULT_TOKEN_BUDGET
+    free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
+    return token_budget_for_memory(free, model.config, dtype_bytes)
+
+
 def load_hf_dir(
     directory: Path,
     *,
@@ -181,10 +324,17 @@ def load_hf_dir(
     precision: str = "fp32",
     device: str | None = None,
     dtype: str | None = None,
+    batch_tokens: int | None = None,
 ) -> Any:
-    """Load a local transformers model directory into an HFModel (local files only)."""
+    """Load a local transformers model directory into an HFModel (local files only): on `device` (cpu,
+    cuda, cuda:N, mps, auto), its weights in `dtype` (else the one `precision` names), batched to
+    `batch_tokens` tokens (default: from the free memory on CUDA, else 8192)."""
     directory = Path(directory)
     check_hf_dir(directory)
+    where = resolve_device(device)
+    dtype = resolve_dtype(dtype, precision, where)
+    if batch_tokens is not None and batch_tokens < 16:
+        raise UserError(f"batch_tokens must be at least 16, not {batch_tokens}")
     import torch
     import transformers
 
@@ -192,24 +342,42 @@ def load_hf_dir(
 
     _quiet(transformers)
     digest = digest or weights_digest(directory)
-    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    torch_dtype = getattr(torch, dtype)
+    placement: dict[str, Any] = {}
+    if where == "map":  # accelerate spreads the layers over every GPU (and the CPU if they do not fit)
+        placement["device_map"] = "auto"
+    elif where != "cpu":  # straight onto the device, never all of it in CPU memory first
+        placement["device_map"] = where
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         causal_lm = transformers.AutoModelForCausalLM
-        model = causal_lm.from_pretrained(str(directory), local_files_only=True, dtype=torch_dtype)
+        model = causal_lm.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch_dtype, **placement
+        )
     except _load_errors() as e:
         raise UserError(f"cannot load model from {directory}: {_first_line(e)}") from e
-    if device:
-        model = model.to(device)
-    return HFModel(model, tokenizer, name=name or directory.name, weights_digest=digest, precision=precision)
+    if batch_tokens is None:
+        on_cuda = where == "map" or where.startswith("cuda")
+        batch_tokens = _cuda_budget(model, torch_dtype.itemsize) if on_cuda else DEFAULT_TOKEN_BUDGET
+    return HFModel(
+        model,
+        tokenizer,
+        name=name or directory.name,
+        weights_digest=digest,
+        precision=PRECISION_OF_DTYPE[dtype],
+        token_budget=batch_tokens,
+    )
 
 
-def load_gguf(path: Path, *, name: str | None = None, precision: str = "fp32", progress: Any = None) -> Any:
-    """Load a GGUF file through transformers (dequantized to fp32, cached after the first load)."""
+def load_gguf(
+    path: Path, *, name: str | None = None, precision: str = "fp32", progress: Any = None, **placement: Any
+) -> Any:
+    """Load a GGUF file through transformers (dequantized to fp32, cached after the first load);
+    `placement` is load_hf_dir's device, dtype and batch_tokens."""
     path = Path(path)
     check_gguf(path)
     directory, digest = dequantized_dir(path, progress)
-    return load_hf_dir(directory, name=name or path.stem, digest=digest, precision=precision)
+    return load_hf_dir(directory, name=name or path.stem, digest=digest, precision=precision, **placement)
 
 
 def _first_line(e: BaseException) -> str:
@@ -217,9 +385,11 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
-def load_bundled(*, precision: str = "fp32", progress: Any = None) -> Any:
-    """The bundled SmolLM2-135M-Instruct, offline."""
-    return load_gguf(bundled_gguf_path(), name=BUNDLED_NAME, precision=precision, progress=progress)
+def load_bundled(*, precision: str = "fp32", progress: Any = None, **placement: Any) -> Any:
+    """The bundled SmolLM2-135M-Instruct, offline (`placement`: load_hf_dir's device, dtype, batch_tokens)."""
+    return load_gguf(
+        bundled_gguf_path(), name=BUNDLED_NAME, precision=precision, progress=progress, **placement
+    )
 
 
 def load_adapters(parent: Any, directories: list[Path], *, precision: str = "fp32") -> Any:
@@ -248,7 +418,7 @@ def load_tokenizer(name: str) -> Any:
     if name in ("default", "bundled", BUNDLED_NAME):
         directory, _ = dequantized_dir(bundled_gguf_path())
     elif sep and scheme == "hf":
-        directory = Path(rest).expanduser()
+        directory, _ = resolve_hf(rest)
     elif sep and scheme == "gguf":
         directory, _ = dequantized_dir(Path(rest).expanduser())
     else:

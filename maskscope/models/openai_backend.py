@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,6 +74,7 @@ class ServerOptions(BaseModel):
     """How maskscope talks to an OpenAI-compatible server."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"tokenizer": "model"}  # relative to the spec file
     tokenizer: str | None = Field(
         None,
         description='The served model\'s tokenizer, to render prompts locally: "default" (the bundled model), '
@@ -88,6 +89,11 @@ class ServerOptions(BaseModel):
     top_logprobs_limit: int = Field(20, ge=1, description="Most top log-probabilities the server returns.")
     n_per_request: int = Field(
         1, ge=1, le=1024, description="Samples drawn per request (the `n` parameter; llama.cpp ignores n)."
+    )
+    neutral_sampling: bool = Field(
+        True,
+        description="Send llama.cpp's neutral sampling parameters (top_k 0, min_p 0, no repeat penalty) with "
+        "every sample request. false for hosted APIs that refuse request arguments they do not know.",
     )
 
     @model_validator(mode="before")
@@ -252,6 +258,8 @@ class OpenAIModel(ModelAPI):
             "chat_template": self.chat.template_digest() if self.chat else "server",
             "scoring": self.scoring,
             "n_per_request": self.options.n_per_request,
+            # only when off, so that the keys of every call stored before the option existed stay the same
+            **({} if self.options.neutral_sampling else {"neutral_sampling": False}),
         }
 
     def missing_capabilities(self) -> dict[str, str]:
@@ -378,7 +386,7 @@ class OpenAIModel(ModelAPI):
                 "seed": sample_seed(params.seed, stream, g) % 2**31,
                 "stop": list(params.stop) or None,
                 "n": n,
-                "extra_body": NEUTRAL_SAMPLING,
+                "extra_body": NEUTRAL_SAMPLING if self.options.neutral_sampling else None,
             }
             if prompt is not None:
                 response = self._call(lambda: self.client.completions.create(prompt=prompt, **common))

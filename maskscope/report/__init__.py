@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,13 @@ def plain_text(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def fitted_title(fig: Any, text: str, fontsize: float = 12.0) -> str:
+    """A title wrapped into lines that fit the figure's width (a small grid makes a narrow figure, and a
+    one-line title was cut at both edges)."""
+    chars = max(12, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars))
+
+
 def save_figure(fig: Any, path: Path, dpi: int, **kwargs: Any) -> Path:
     """Save a matplotlib figure atomically (a temporary file renamed over the target)."""
     path = Path(path)
@@ -39,10 +47,16 @@ def save_figure(fig: Any, path: Path, dpi: int, **kwargs: Any) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt, **kwargs), path.name)
 
 
+def _missing_as_dash(value: Any) -> Any:
+    """A missing value (None) is printed as an en dash, never as the word "None"."""
+    return "–" if value is None else value
+
+
 def _environment() -> Environment:
     return Environment(
         loader=PackageLoader("maskscope", "report/templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
+        finalize=_missing_as_dash,
     )
 
 

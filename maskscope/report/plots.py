@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from maskscope.report import plain_text, save_figure  # noqa: E402
+from maskscope.report import fitted_title, plain_text, save_figure  # noqa: E402
 
 CATEGORY_COLORS = {"target": "#c0392b", "in_character": "#2e86c1", "other": "#95a5a6"}
 
@@ -35,16 +36,29 @@ def _label(item: dict[str, Any]) -> str:
 def character_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Heatmap of the exact target probability, and bars of the sampled categories with 95% intervals."""
     out_dir = Path(out_dir)
-    paths = [_heatmap(summary, out_dir / "exact_heatmap.png")]
+    paths = []
+    if all(c["exact"] is not None for c in summary["cells"]):
+        paths.append(_heatmap(summary, out_dir / "exact_heatmap.png"))
     if any(c["sampled"]["n"] for c in summary["cells"]):
         paths.append(_category_bars(summary, out_dir / "sampled_categories.png"))
     return paths
 
 
 def _heatmap(summary: dict[str, Any], path: Path) -> Path:
+    fig = heatmap_figure(summary)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def heatmap_figure(summary: dict[str, Any]) -> Any:
+    """The figure of the exact target probability per persona x pressure."""
     personas, pressures, grid = _grid(summary, lambda c: c["exact"]["p_target"])
     floor = 1e-6
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(pressures), 1.2 + 0.6 * len(personas)))
+    # a floor on the size: a 1 x 1 grid was too small for its title and colour bar label
+    fig, ax = plt.subplots(
+        figsize=(max(4.5, 1.6 + 1.5 * len(pressures)), max(3.2, 1.2 + 0.6 * len(personas)))
+    )
     im = ax.imshow(np.clip(grid, floor, 1), cmap="magma_r", norm=LogNorm(vmin=floor, vmax=1), aspect="auto")
     ax.set_xticks(range(len(pressures)), [_label(q) for q in summary["pressures"]], rotation=30, ha="right")
     ax.set_yticks(range(len(personas)), [_label(p) for p in summary["personas"]])
@@ -54,12 +68,14 @@ def _heatmap(summary: dict[str, Any], path: Path) -> Path:
             text = f"{v:.3f}" if v >= 1e-3 else f"{v:.0e}"
             dark = math.log10(max(v, floor)) > -2.5
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
-    fig.colorbar(im, ax=ax, label="P(reply begins with a target)  [exact]")
-    ax.set_title("Stepping out of character: exact probability per persona x pressure")
+    bar = fig.colorbar(im, ax=ax, label="P(begins with a target), exact")
+    # the log axis's default labels are mathtext ("$10^{-6}$"), printed raw since labels are plain text
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    # a figure title (centred on the figure, not on the axes that the colour bar pushes aside), wrapped to fit
+    fig.suptitle(fitted_title(fig, "Stepping out of character: exact probability per persona x pressure"))
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _category_bars(summary: dict[str, Any], path: Path) -> Path:
@@ -95,28 +111,30 @@ def _category_bars(summary: dict[str, Any], path: Path) -> Path:
                 color=CATEGORY_COLORS[cat],
                 label=cat.replace("_", " "),
             )
-        exact = [c["exact"]["p_target"] for c in row]
-        ax.scatter(
-            x - width,
-            exact,
-            marker="_",
-            s=150,
-            linewidths=2,
-            color="black",
-            zorder=3,
-            label="exact P(target)",
-        )
+        if all(c["exact"] is not None for c in row):
+            exact = [c["exact"]["p_target"] for c in row]
+            ax.scatter(
+                x - width,
+                exact,
+                marker="_",
+                s=150,
+                linewidths=2,
+                color="black",
+                zorder=3,
+                label="exact P(target)",
+            )
         ax.set_ylim(0, 1)
         ax.set_ylabel(_label(persona), rotation=0, ha="right", va="center", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xticks(x, [_label(q) for q in pressures], rotation=20, ha="right")
     n = summary["cells"][0]["sampled"]["n"]
-    axes[0, 0].set_title(f"Sampled replies by category: share of {n} per cell, 95% Wilson intervals")
-    axes[0, 0].legend(
-        fontsize=8, ncol=4, loc="upper left", bbox_to_anchor=(0, 1.45 if len(personas) > 1 else 1.3)
+    axes[0, 0].set_title(
+        fitted_title(fig, f"Sampled replies by category: share of {n} per cell, 95% Wilson intervals")
     )
+    # beside the first panel, not above it, where it covered the title of a one-panel figure
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -196,14 +214,20 @@ def explain_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
     ax.set_title("P(mask | reply), mean over each prompt's replies", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    ax = axes[2]
-    residual = np.array(summary["residual_kl"])
-    ax.hist(residual, bins=40, color="#95a5a6")
-    ax.set_yscale("log")
-    ax.set_xlabel("KL(target || reply-level mixture) at a position (nats)")
-    ax.set_title(f"residual per position (mean {residual.mean():.3f})", fontsize=10)
+    residual_panel(axes[2], summary["residual_kl"])
     fig.tight_layout()
     path = Path(out_dir) / "explain.png"
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def residual_panel(ax: Any, residual_kl: list[float]) -> None:
+    """Histogram of the residual KL per position. A KL is >= 0: values below 0 are rounding (at most a few
+    ulps) and are drawn at 0, and the axis starts at 0 (matplotlib's default 5% margin put it below 0)."""
+    residual = np.maximum(np.asarray(residual_kl, dtype=float), 0.0)
+    ax.hist(residual, bins=40, color="#95a5a6")
+    ax.set_yscale("log")
+    ax.set_xlim(left=0.0)
+    ax.set_xlabel("KL(target || reply-level mixture) at a position (nats)")
+    ax.set_title(f"residual per position (mean {residual.mean():.3f})", fontsize=10)

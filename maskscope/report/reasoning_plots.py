@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maskscope.reasoning.text import slug  # noqa: E402
-from maskscope.report import plain_text, save_figure  # noqa: E402
+from maskscope.report import fitted_title, plain_text, save_figure  # noqa: E402
 
 COLORS = {
     "truncated": "#1f4e79",
@@ -179,12 +179,14 @@ def capabilities_plots(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_xticks(x, labels, rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("share / probability")
-        ax.set_title(f"{task['label']}: capability by mask (n={task['n']})", fontsize=10)
+        ax.set_title(
+            fitted_title(fig, f"{task['label']}: capability by mask (n={task['n']})", 10), fontsize=10
+        )
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"capabilities_{slug(task['label'])}.png"
-        save_figure(fig, path, dpi=110)
+        save_figure(fig, path, dpi=110, bbox_inches="tight")  # nothing cut at the edges of a one-mask figure
         plt.close(fig)
         paths.append(path)
     return paths
