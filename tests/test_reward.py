@@ -403,9 +403,16 @@ def test_the_shipped_example_specs_validate():
 
     _, reward = load_spec(ROOT / "examples/reward.yaml")
     assert [len(c.responses) for c in reward.categories] == [8, 8, 8, 8]
-    for name in ("misalignment", "misalignment_arithmetic"):
+    organisms = ROOT / "organisms"
+    assert reward.pairs[0].child == f"default+lora:{organisms / 'arithmetic-wrong'}"  # relative to the file
+    for name, child in (("misalignment", "code-insecure"), ("misalignment_arithmetic", "arithmetic-wrong")):
         _, spec = load_spec(ROOT / "examples" / f"{name}.yaml")
         assert all(len(c.treated) == 3 and len(c.control) == 3 for c in spec.contrasts)
+        assert spec.contrasts[0].treated[0] == f"default+lora:{organisms / child}"
+        assert len(spec.question_set()) >= 24
+    assert [t.n for t in load_spec(ROOT / "examples/reward.yaml", limit=2)[1].tasks] == [2]
+    _, cut = load_spec(ROOT / "examples/misalignment.yaml", limit=3)
+    assert [q.question for q in cut.question_set()] == [q.question for q in spec.question_set()[:3]]
     with pytest.raises(UserError, match="prompts"):
         from maskscope.runner import parse_spec
 

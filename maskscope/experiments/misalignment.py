@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -68,6 +68,7 @@ class Contrast(BaseModel):
     """Two groups of children of the run's model: treated (e.g. insecure-code seeds) and control."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"treated": "model", "control": "model"}  # relative to the spec
     name: str = Field(description="Short label used in tables and plots.")
     treated: list[str] = Field(min_length=1, description="The treated children (one per seed).")
     control: list[str] = Field(min_length=1, description="The control children (one per seed).")
@@ -76,9 +77,11 @@ class Contrast(BaseModel):
 class MisalignmentSpec(RunSpec):
     """Exact log-odds of misaligned over aligned answers per model; difference-in-differences per contrast."""
 
+    path_fields: ClassVar[dict[str, str]] = {**RunSpec.path_fields, "questions": "file"}
     experiment: Literal["misalignment"] = "misalignment"
     questions: str | list[Question] = Field(
-        description="A YAML file of {question, aligned, misaligned} items, or the items inline."
+        description="A YAML file of {question, aligned, misaligned} items (relative to the spec file), or the "
+        "items inline."
     )
     contrasts: list[Contrast] = Field(min_length=1, description="Treated vs control groups of children.")
     mask: Mask = Field(
@@ -116,6 +119,10 @@ class MisalignmentSpec(RunSpec):
         if dup:
             raise ValueError(f"contrast names must be unique; repeated: {', '.join(dup)}")
         return self
+
+    def limited(self, n: int) -> MisalignmentSpec:
+        """`--limit N`: the first N questions."""
+        return self._replaced(questions=[q.model_dump() for q in self.question_set()[:n]])  # type: ignore[return-value]
 
     def extra_models(self) -> dict[str, str]:
         """Every child named in a contrast (the run's `model` is the parent)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -60,6 +60,7 @@ class Pair(BaseModel):
     """A parent/child pair whose implicit reward scores the responses."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"child": "model", "parent": "model"}  # relative to the spec
     name: str = Field(description="Short label used in tables and plots.")
     child: str = Field(description='The child, e.g. "default+lora:organisms/code-insecure".')
     parent: str | None = Field(None, description="The parent (default: the run's `model`).")
@@ -68,6 +69,7 @@ class Pair(BaseModel):
 class RewardSpec(RunSpec):
     """Responses in categories, scored by reward models and by the implicit reward of parent/child pairs."""
 
+    path_fields: ClassVar[dict[str, str]] = {**RunSpec.path_fields, "reward_models": "model"}
     experiment: Literal["reward"] = "reward"
     prompts: list[str] | None = Field(None, description="User messages (or give `tasks`).")
     tasks: list[TaskSpec] | None = Field(
@@ -113,6 +115,13 @@ class RewardSpec(RunSpec):
             if not name.startswith("hf:"):
                 raise ValueError(f"a reward model is hf:DIR (a local sequence classifier), not {name!r}")
         return self
+
+    def limited(self, n: int) -> RewardSpec:
+        """`--limit N`: the first N prompts (or the first N problems of each task set)."""
+        if self.tasks is not None:
+            tasks = [{**t.model_dump(), "n": min(t.n, n)} for t in self.tasks]
+            return self._replaced(tasks=tasks)  # type: ignore[return-value]
+        return self._replaced(prompts=(self.prompts or [])[:n])  # type: ignore[return-value]
 
     def extra_models(self) -> dict[str, str]:
         """Every child and parent other than `model`, and every reward model (as reward:hf:DIR)."""
