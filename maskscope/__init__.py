@@ -45,6 +45,8 @@ _LAZY = {
     "wilson": "maskscope.stats",
     "CachedModel": "maskscope.store",
     "Store": "maskscope.store",
+    "implicit_reward": "maskscope.reward",
+    "load_reward_model": "maskscope.reward",
 }
 
 
@@ -75,7 +77,9 @@ __all__ = [
     "UserError",
     "__version__",
     "finetune",
+    "implicit_reward",
     "load_model",
+    "load_reward_model",
     "load_spec",
     "read_run",
     "read_runs",

@@ -9,6 +9,8 @@
   problems with all their samples (`cluster_share_ci`), with the same fallback when problems do not differ;
 - paired designs (two conditions on the same problems): the interval of the mean per-problem difference and a
   paired test (`paired_diff`, `mcnemar`);
+- two groups of replicates (training seeds) on the same items: the difference of the group means with a
+  two-way bootstrap over the items and over each group's replicates (`did_ci`);
 - the difference of two shares from independent samples: Newcombe's hybrid score interval (`share_diff_ci`);
 - many cells flagged at once: Holm's step-down correction of the family (`holm`).
 
@@ -192,6 +194,52 @@ def paired_diff(
     )
     ci95 = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
     return {"mean": mean, "ci95": ci95, "n": n, "p_value": p_value, "method": method}
+
+
+def did_ci(
+    treated: Sequence[Sequence[float]],
+    control: Sequence[Sequence[float]],
+    *,
+    seed: int = 0,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    unit: str = "questions",
+) -> dict[str, Any]:
+    """Difference between two groups of replicates (e.g. training seeds) measured on the same items: the
+    mean over items of (mean over the treated replicates - mean over the control replicates). `treated` and
+    `control` are [replicates x items]. The interval is a two-way percentile bootstrap: each resample draws
+    the items with replacement and, independently, each group's replicates with replacement.
+
+    {"mean", "ci95", "n", "replicates", "method"}; with no spread the interval is [0, 0] when every
+    difference is exactly 0 (the two groups give the same numbers), else None."""
+    t = np.atleast_2d(np.asarray(treated, dtype=float))
+    c = np.atleast_2d(np.asarray(control, dtype=float))
+    if t.shape[1] != c.shape[1]:
+        raise ValueError(f"both groups must be measured on the same items ({t.shape[1]} vs {c.shape[1]})")
+    n, st, sc = int(t.shape[1]), int(t.shape[0]), int(c.shape[0])
+    method = (
+        f"two-way percentile bootstrap 95% over {n} {unit} and over each group's replicates "
+        f"({st} treated, {sc} control, resampled within their group)"
+    )
+    if st == 1 or sc == 1:
+        method += "; a group with one replicate adds no replicate variation"
+    out: dict[str, Any] = {"n": n, "replicates": [st, sc], "method": method}
+    if n == 0 or st == 0 or sc == 0:
+        return {**out, "mean": None, "ci95": None}
+    per_item = t.mean(axis=0) - c.mean(axis=0)
+    mean = float(per_item.mean())
+    if np.all(t == t[0, 0]) and np.all(c == c[0, 0]) or np.array_equal(t, c):
+        return {**out, "mean": mean, "ci95": [mean, mean] if mean == 0 else None}
+    rng = np.random.default_rng(seed)
+    items = rng.integers(0, n, size=(resamples, n))
+    t_bar = t[rng.integers(0, st, size=(resamples, st))].mean(axis=1)  # [resamples, items]
+    c_bar = c[rng.integers(0, sc, size=(resamples, sc))].mean(axis=1)
+    boot = np.take_along_axis(t_bar - c_bar, items, axis=1).mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(boot, [alpha, 1 - alpha])
+    if lo == hi:
+        return {**out, "mean": mean, "ci95": [mean, mean] if mean == 0 and np.all(per_item == 0) else None}
+    return {**out, "mean": mean, "ci95": [float(lo), float(hi)]}
 
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool], alternative: str = "two-sided") -> dict[str, Any]:

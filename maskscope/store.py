@@ -739,6 +739,7 @@ class CachedModel(ModelAPI):
         "support_logprobs",
         "forced_answers",
         "continuations",
+        "rewards",
     )
     FORWARDED = frozenset(
         {
@@ -927,3 +928,13 @@ class CachedModel(ModelAPI):
             yield from self.inner.continuations([jobs[k] for k in todo], max_rows=max_rows)
 
         yield from self._through_store("continuation", keyed, compute)
+
+    def rewards(self, items: Sequence[tuple[Context, str]]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """A reward model's score of each (conversation, response) item, through the store (keyed by the
+        text the reward model reads)."""
+        keyed = [(self.inner.render_pair(context, response), {}) for context, response in items]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            yield from self.inner.rewards([items[k] for k in todo])
+
+        yield from self._through_store("reward", keyed, compute)

@@ -81,6 +81,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
     "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
     "latent": Experiment("maskscope.experiments.latent", "LatentSpec", lambda s, o: importlib.import_module("maskscope.report.latent_plots").latent_plots(s, o)),  # noqa: E501
+    "reward": Experiment("maskscope.experiments.reward", "RewardSpec", lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o)),  # noqa: E501
+    "misalignment": Experiment("maskscope.experiments.misalignment", "MisalignmentSpec", lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o)),  # noqa: E501
     "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
 }
 

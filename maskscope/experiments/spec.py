@@ -197,13 +197,19 @@ def resolve_paths(
         if any(loc[: len(k)] == k for k in keep):
             continue
         if name in kinds and isinstance(value, str) and value:
-            if kinds[name] == "model":
-                setattr(spec, name, resolve_model_name(value, base))
-            elif not (value.startswith("~") or Path(value).is_absolute()):
-                setattr(spec, name, os.path.normpath(base / value))
+            setattr(spec, name, _resolved(kinds[name], value, base))
         elif isinstance(value, BaseModel):
             resolve_paths(value, base, keep, loc)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     resolve_paths(item, base, keep, (*loc, i))
+                elif name in kinds and isinstance(item, str) and item:  # a list of paths or model names
+                    value[i] = _resolved(kinds[name], item, base)
+
+
+def _resolved(kind: str, value: str, base: Path) -> str:
+    """One path ("file") or model name ("model") resolved against `base`."""
+    if kind == "model":
+        return resolve_model_name(value, base)
+    return value if value.startswith("~") or Path(value).is_absolute() else os.path.normpath(base / value)

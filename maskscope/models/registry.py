@@ -16,6 +16,7 @@ SCHEMES = {
     "gguf:FILE": "a local GGUF file, dequantized through transformers and cached",
     "openai:URL#MODEL": "a model on an OpenAI-compatible server (vLLM, llama.cpp); see docs/servers.md",
     "NAME+lora:DIR": "a LoRA child made by `maskscope finetune` on a local parent; see docs/organisms.md",
+    "reward:hf:DIR": "a local sequence-classification reward model (the `reward` experiment); docs/reward.md",
 }
 LORA = "+lora:"
 
@@ -47,6 +48,10 @@ def load_model(
         loading.resolve_device(device)
     if dtype is not None and dtype not in loading.DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use {', '.join(loading.DTYPES)}")
+    if name.startswith("reward:"):
+        from maskscope.reward import load_reward_model
+
+        return load_reward_model(name)  # type: ignore[return-value]
     if LORA in name:
         parent, *adapters = name.split(LORA)
         if parent.startswith("openai:"):
@@ -93,6 +98,11 @@ def check_model_name(name: str) -> None:
     load itself says the rest.)"""
     from maskscope.models import loading
 
+    if name.startswith("reward:"):
+        from maskscope.reward import check_reward_dir
+
+        check_reward_dir(name)
+        return
     if LORA in name:
         from maskscope.finetune.adapter import check_adapter_dir, split_name
 
