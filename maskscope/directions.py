@@ -12,6 +12,8 @@ training split (the positive mask projects higher), so a random direction is com
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -346,17 +348,17 @@ class ProjectionDifference:
 
 def projection_difference(
     parent: Any,
-    items: Sequence[tuple[Any, str]],
+    items: Sequence[tuple[Any, str | Sequence[int]]],
     layers: Sequence[int],
     *,
     max_new_tokens: int = 48,
 ) -> ProjectionDifference:
     """The projection difference of a training set, computed on the parent before any training: items are
-    (context before the assistant reply, the reply's text). Items whose training or greedy reply is empty are
-    left out; one line when none is left."""
+    (context before the assistant reply, the reply's text or token ids). Items whose training or greedy reply
+    is empty are left out; one line when none is left."""
     contexts = [c for c, _ in items]
     own = [parent.sample(c, n=1, max_new_tokens=max_new_tokens, temperature=0.0)[0] for c in contexts]
-    trained = [list(parent.tokens(reply)) for _, reply in items]
+    trained = [list(parent.tokens(r)) if isinstance(r, str) else [int(t) for t in r] for _, r in items]
     keep = [k for k in range(len(items)) if trained[k] and own[k].token_ids]
     if not keep:
         raise UserError(
@@ -387,33 +389,55 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(dx @ dy / den) if den > 0 else float("nan")
 
 
+@functools.cache
+def _all_permutations(n: int) -> np.ndarray:
+    """Every permutation of range(n), [n!, n] (itertools does the enumeration)."""
+    return np.array(list(itertools.permutations(range(n))))
+
+
 def _permutation_p(x: np.ndarray, y: np.ndarray, observed: float, rng: np.random.Generator) -> float:
     """Two-sided p of |r| under permutations of y across organisms: every permutation up to 8 organisms,
-    else 20 000 random ones (itertools does the enumeration)."""
-    import itertools
+    else 20 000 random ones."""
     import math
 
     if not np.isfinite(observed):
         return float("nan")
     n = len(y)
-    if math.factorial(n) <= 40_320:
-        perms = np.array(list(itertools.permutations(range(n))))
-        rs = np.array([pearson(x, y[p]) for p in perms])
-        return float(np.mean(np.abs(rs) >= abs(observed) - 1e-12))
-    rs = np.array([pearson(x, y[rng.permutation(n)]) for _ in range(20_000)])
-    return float((1 + np.sum(np.abs(rs) >= abs(observed) - 1e-12)) / (1 + len(rs)))
+    exact = math.factorial(n) <= 40_320
+    if exact:
+        perms = _all_permutations(n)
+    else:
+        perms = np.array([rng.permutation(n) for _ in range(20_000)])
+    xs = (x - x.mean()) / np.linalg.norm(x - x.mean())
+    ys = (y - y.mean()) / np.linalg.norm(y - y.mean())
+    rs = ys[perms] @ xs  # Pearson r of x with each permutation of y
+    hits = int(np.sum(np.abs(rs) >= abs(observed) - 1e-12))
+    return float(hits / len(rs)) if exact else float((1 + hits) / (1 + len(rs)))
 
 
 def correlate_with_null(
-    values: np.ndarray, behaviour: np.ndarray, null_values: np.ndarray, *, seed: int = 0, alpha: float = 0.05
+    values: np.ndarray,
+    behaviour: np.ndarray,
+    null_values: np.ndarray,
+    *,
+    null_other: np.ndarray | None = None,
+    seed: int = 0,
+    alpha: float = 0.05,
 ) -> dict[str, Any]:
     """Pearson r across organisms of a direction's projections (`values` [n]) with the behaviour change
-    ([n]), beside the same r for random directions (`null_values` [n_random, n]): the 2.5-97.5% band of
-    their r, the two-sided p (share of random directions with |r| at least as large), the permutation p
-    (behaviour shuffled across organisms), and a plain verdict."""
+    ([n]), beside the same r for random directions (`null_values` [n_random, n]; when the second series is
+    a projection too, `null_other` gives it on the same random directions): the 2.5-97.5% band of their r,
+    the two-sided p (share of random directions with |r| at least as large), the permutation p (behaviour
+    shuffled across organisms), and a plain verdict."""
     values, behaviour = np.asarray(values, dtype=np.float64), np.asarray(behaviour, dtype=np.float64)
     r = pearson(values, behaviour)
-    null = np.array([pearson(v, behaviour) for v in np.asarray(null_values, dtype=np.float64)])
+    null_values = np.asarray(null_values, dtype=np.float64)
+    others = (
+        np.broadcast_to(behaviour, null_values.shape)
+        if null_other is None
+        else np.asarray(null_other, np.float64)
+    )
+    null = np.array([pearson(v, w) for v, w in zip(null_values, others, strict=True)])
     null = null[np.isfinite(null)]
     out: dict[str, Any] = {"r": r, "organisms": len(values)}
     if not np.isfinite(r) or len(null) == 0:

@@ -81,6 +81,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
     "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
     "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
+    "drift": Experiment("maskscope.experiments.drift", "DriftSpec", lambda s, o: importlib.import_module("maskscope.experiments.drift").plots(s, o)),  # noqa: E501
 }
 
 __all__ = ["EXPERIMENTS", "Experiment"]
