@@ -928,7 +928,7 @@ class CachedModel(ModelAPI):
         steering, the rendered prompt, the reply's token ids, the layers and the positions), each a float16
         safetensors blob. Computed ones are rounded the same way before they are returned, so a result is
         bit-identical whether it was served or computed: float32 tensors holding float16-rounded values."""
-        layers = [int(x) for x in layers]
+        items, layers = list(items), [int(x) for x in layers]
         keyed = []
         for item in items:
             context, reply = item if isinstance(item, tuple) else (item, ())
