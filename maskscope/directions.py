@@ -440,6 +440,11 @@ def correlate_with_null(
     null = np.array([pearson(v, w) for v, w in zip(null_values, others, strict=True)])
     null = null[np.isfinite(null)]
     out: dict[str, Any] = {"r": r, "organisms": len(values)}
+    if len(values) < 3:
+        out.update(random_band=[float("nan")] * 2, random_p=float("nan"), permutation_p=float("nan"))
+        out["explained_by_null"] = None
+        out["verdict"] = f"undefined: across {len(values)} organisms any correlation is +1 or -1"
+        return out
     if not np.isfinite(r) or len(null) == 0:
         out.update(random_band=[float("nan")] * 2, random_p=float("nan"), permutation_p=float("nan"))
         out["explained_by_null"] = None

@@ -164,6 +164,9 @@ def test_the_random_direction_null_holds_chance_and_flags_a_size_only_correlatio
     # constant behaviour: r is undefined, said so
     c = dirs.correlate_with_null(shift @ u, np.ones(n), (shift @ rand.T).T)
     assert c["explained_by_null"] is None and "undefined" in c["verdict"]
+    # two organisms: r is +-1 whatever the direction; said so, not tested
+    c = dirs.correlate_with_null(shift[:2] @ u, behaviour[:2], (shift[:2] @ rand.T).T)
+    assert abs(c["r"]) == pytest.approx(1.0) and c["explained_by_null"] is None and "+1 or -1" in c["verdict"]
 
 
 def _pairs(path: Path) -> Path:

@@ -111,7 +111,9 @@ class DriftSpec(RunSpec):
     prompts: list[str] = Field(
         min_length=2, description="User turns over which the fine-tuning shift is read."
     )
-    organisms: list[OrganismSpec] = Field(min_length=2, description="The children (at least 2).")
+    organisms: list[OrganismSpec] = Field(
+        min_length=3, description="The children (at least 3: across 2, any correlation is +1 or -1)."
+    )
     behaviour: BehaviourSpec | None = Field(
         None, description="How behaviour change is measured (for organisms without a `behaviour` number)."
     )
