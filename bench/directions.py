@@ -2,7 +2,8 @@
 
 - extraction: the residual stream at the last prompt token, every layer, of N user prompts under two masks
   (pirate and assistant of examples/masks.yaml: 2N prompts, N pairs). maskscope: `contrast_activations`
-  (sorted by length, batched). steering-vectors: `extract_activations` on the same rendered pairs, read at
+  (prompts grouped by the prefix they share, i.e. by mask; each batch's shared prefix encoded once; the
+  hooks keep the last token only). steering-vectors: `extract_activations` on the same rendered pairs, read at
   the last token, every decoder layer, at its default batch size (1) and at a batch size of 16. Both sides'
   mean-difference vectors are compared (cosine per layer).
 - steering overhead: greedy replies of `--new-tokens` tokens to `--gen-prompts` prompts under the assistant

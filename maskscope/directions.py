@@ -12,6 +12,8 @@ training split (the positive mask projects higher), so a random direction is com
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -306,3 +308,170 @@ def load_vectors(path: str | Path) -> dict[int, Any]:
             raise UserError(f"{path}: tensor {key!r} is not named layer.<n>")
         out[int(key[6:])] = t
     return out
+
+
+# ----------------------------------------------------------------------------- drift
+# Drift asks whether fine-tuning moves a model along a persona direction, and whether that movement (and the
+# behaviour change it comes with) can be read off the training data before training, as in the persona-vectors
+# work (Chen et al. 2025, "Persona vectors"): the fine-tuning shift is the child's mean activation minus the
+# parent's at the last prompt token of a prompt set; the projection difference is, on the parent, the mean
+# activation over the training data's assistant replies minus that over the parent's own replies to the same
+# prompts (each averaged over the reply's tokens). Both are projected on the unit direction; across organisms
+# each is correlated with the measured behaviour change, beside the correlations that random directions give
+# (a random direction correlates too when the shift's size, not its direction, goes with the behaviour).
+
+
+def mean_activations(model: Any, contexts: Sequence[Any], layers: Sequence[int]) -> np.ndarray:
+    """The mean residual stream at the last prompt token over contexts: [len(layers), H] (float64)."""
+    acts = model.activations(list(contexts), list(layers), positions="last")
+    return np.stack([a.numpy() for a in acts]).astype(np.float64).mean(axis=0)
+
+
+def finetuning_shift(
+    parent_mean: np.ndarray, child: Any, contexts: Sequence[Any], layers: Sequence[int]
+) -> np.ndarray:
+    """The fine-tuning shift: the child's mean activation at the last prompt token minus the parent's
+    (`parent_mean`, from mean_activations over the same contexts and layers): [len(layers), H]."""
+    return mean_activations(child, contexts, layers) - parent_mean
+
+
+@dataclass
+class ProjectionDifference:
+    """The training data against the parent's own replies, on the parent: the mean over items of (mean
+    activation over the training reply's tokens - the same over the parent's greedy reply), [layers, H];
+    and the items used."""
+
+    vector: np.ndarray
+    items: int
+    own_replies: list[str]
+
+
+def projection_difference(
+    parent: Any,
+    items: Sequence[tuple[Any, str | Sequence[int]]],
+    layers: Sequence[int],
+    *,
+    max_new_tokens: int = 48,
+) -> ProjectionDifference:
+    """The projection difference of a training set, computed on the parent before any training: items are
+    (context before the assistant reply, the reply's text or token ids). Items whose training or greedy reply
+    is empty are left out; one line when none is left."""
+    contexts = [c for c, _ in items]
+    own = [parent.sample(c, n=1, max_new_tokens=max_new_tokens, temperature=0.0)[0] for c in contexts]
+    trained = [list(parent.tokens(r)) if isinstance(r, str) else [int(t) for t in r] for _, r in items]
+    keep = [k for k in range(len(items)) if trained[k] and own[k].token_ids]
+    if not keep:
+        raise UserError(
+            "no training item has both a non-empty reply and a non-empty greedy reply of the parent"
+        )
+    queries = [(contexts[k], trained[k]) for k in keep] + [
+        (contexts[k], list(own[k].token_ids)) for k in keep
+    ]
+    acts = np.stack([a.numpy() for a in parent.activations(queries, list(layers), positions="reply_mean")])
+    acts = acts.astype(np.float64)
+    n = len(keep)
+    return ProjectionDifference((acts[:n] - acts[n:]).mean(axis=0), n, [own[k].text for k in keep])
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    """The vector divided by its norm (a zero vector stays zero)."""
+    norm = float(np.linalg.norm(vector))
+    return (
+        np.asarray(vector, dtype=np.float64) / norm if norm > 0 else np.zeros_like(vector, dtype=np.float64)
+    )
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r of two equal-length series; nan when either is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    den = float(np.sqrt((dx @ dx) * (dy @ dy)))
+    return float(dx @ dy / den) if den > 0 else float("nan")
+
+
+@functools.cache
+def _all_permutations(n: int) -> np.ndarray:
+    """Every permutation of range(n), [n!, n] (itertools does the enumeration)."""
+    return np.array(list(itertools.permutations(range(n))))
+
+
+def _permutation_p(x: np.ndarray, y: np.ndarray, observed: float, rng: np.random.Generator) -> float:
+    """Two-sided p of |r| under permutations of y across organisms: every permutation up to 8 organisms,
+    else 20 000 random ones."""
+    import math
+
+    if not np.isfinite(observed):
+        return float("nan")
+    n = len(y)
+    exact = math.factorial(n) <= 40_320
+    if exact:
+        perms = _all_permutations(n)
+    else:
+        perms = np.array([rng.permutation(n) for _ in range(20_000)])
+    xs = (x - x.mean()) / np.linalg.norm(x - x.mean())
+    ys = (y - y.mean()) / np.linalg.norm(y - y.mean())
+    rs = ys[perms] @ xs  # Pearson r of x with each permutation of y
+    hits = int(np.sum(np.abs(rs) >= abs(observed) - 1e-12))
+    return float(hits / len(rs)) if exact else float((1 + hits) / (1 + len(rs)))
+
+
+def correlate_with_null(
+    values: np.ndarray,
+    behaviour: np.ndarray,
+    null_values: np.ndarray,
+    *,
+    null_other: np.ndarray | None = None,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Pearson r across organisms of a direction's projections (`values` [n]) with the behaviour change
+    ([n]), beside the same r for random directions (`null_values` [n_random, n]; when the second series is
+    a projection too, `null_other` gives it on the same random directions): the 2.5-97.5% band of their r,
+    the two-sided p (share of random directions with |r| at least as large), the permutation p (behaviour
+    shuffled across organisms), and a plain verdict."""
+    values, behaviour = np.asarray(values, dtype=np.float64), np.asarray(behaviour, dtype=np.float64)
+    r = pearson(values, behaviour)
+    null_values = np.asarray(null_values, dtype=np.float64)
+    others = (
+        np.broadcast_to(behaviour, null_values.shape)
+        if null_other is None
+        else np.asarray(null_other, np.float64)
+    )
+    null = np.array([pearson(v, w) for v, w in zip(null_values, others, strict=True)])
+    null = null[np.isfinite(null)]
+    out: dict[str, Any] = {"r": r, "organisms": len(values)}
+    if len(values) < 3:
+        out.update(random_band=[float("nan")] * 2, random_p=float("nan"), permutation_p=float("nan"))
+        out["explained_by_null"] = None
+        out["verdict"] = f"undefined: across {len(values)} organisms any correlation is +1 or -1"
+        return out
+    if not np.isfinite(r) or len(null) == 0:
+        out.update(random_band=[float("nan")] * 2, random_p=float("nan"), permutation_p=float("nan"))
+        out["explained_by_null"] = None
+        out["verdict"] = "undefined: the projections or the behaviour changes do not vary across organisms"
+        return out
+    random_p = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + len(null)))
+    perm_p = _permutation_p(values, behaviour, r, np.random.default_rng([seed, 7]))
+    out.update(
+        random_band=[float(np.quantile(null, 0.025)), float(np.quantile(null, 0.975))],
+        random_p=random_p,
+        permutation_p=perm_p,
+        explained_by_null=bool(random_p > alpha),
+    )
+    if random_p > alpha:
+        out["verdict"] = (
+            f"the random-direction null explains this correlation: {100 * random_p:.0f}% of random directions "
+            f"correlate at least as strongly (|r| >= {abs(r):.2f}), so it says nothing about this direction"
+        )
+    else:
+        out["verdict"] = (
+            f"beyond the random-direction null (p = {random_p:.3g}); with {len(values)} organisms the "
+            f"permutation p is {perm_p:.3g}"
+        )
+    return out
+
+
+def random_unit_directions(n: int, hidden: int, seed: int) -> np.ndarray:
+    """n directions uniform on the unit sphere, [n, hidden]; projections on unit directions do not depend
+    on a norm, so norm-matching is automatic."""
+    return random_directions(n, hidden, 1.0, np.random.default_rng([seed, 11]))

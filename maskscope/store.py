@@ -723,6 +723,34 @@ def repair_store(path: str | Path) -> RepairReport:
     return RepairReport(len(kept), total - len(kept), len(run_rows), moved)
 
 
+ACTIVATION_CHUNK = 256  # items computed (and batched) together before they are stored
+
+
+def tensor_blob(tensor: Any) -> dict[str, Any]:
+    """A stored activation: the tensor as float16 safetensors bytes, base64 in the JSON result (so that the
+    row's checksum, `cache check` and `cache repair` cover it like any result). A tensor with a finite value
+    beyond float16's range is kept as float32 instead of turning it into infinity."""
+    import base64
+
+    import torch
+    from safetensors.torch import save
+
+    x = tensor.detach().to(torch.float32).cpu().contiguous()
+    half = x.to(torch.float16)
+    kept = half if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(x).all()) else x
+    return {"safetensors": base64.b64encode(save({"activations": kept})).decode("ascii")}
+
+
+def blob_tensor(result: Mapping[str, Any]) -> Any:
+    """The float32 tensor of a stored activation (tensor_blob's inverse, up to its float16 rounding)."""
+    import base64
+
+    import torch
+    from safetensors.torch import load
+
+    return load(base64.b64decode(result["safetensors"]))["activations"].to(torch.float32)
+
+
 class CachedModel(ModelAPI):
     """A model whose every call goes through the store: answered from it when the key is there, else
     computed, written at once, and returned. Offers the same API as the model it wraps.
@@ -732,6 +760,7 @@ class CachedModel(ModelAPI):
     silent uncached call."""
 
     CACHED = (
+        "activations",
         "score_many",
         "next_token_distributions",
         "sample_indices",
@@ -753,7 +782,6 @@ class CachedModel(ModelAPI):
             "end_tokens",
             "missing_capabilities",
             "request_stats",
-            "activations",  # not stored yet: computed on every call
             "num_layers",
         }
     )
@@ -868,6 +896,31 @@ class CachedModel(ModelAPI):
 
         for k, result in self._through_store("next_token_distribution", keyed, compute):
             yield k, TokenDist.from_json(result)
+
+    def activations(self, items: Sequence[Any], layers: Sequence[int], positions: str = "last") -> list[Any]:
+        """Activations through the store, one stored result per item (key: the fingerprint with adapter and
+        steering, the rendered prompt, the reply's token ids, the layers and the positions), each a float16
+        safetensors blob. Computed ones are rounded the same way before they are returned, so a result is
+        bit-identical whether it was served or computed: float32 tensors holding float16-rounded values."""
+        items, layers = list(items), [int(x) for x in layers]
+        keyed = []
+        for item in items:
+            context, reply = item if isinstance(item, tuple) else (item, ())
+            args = {"layers": layers, "positions": positions, "reply": [int(t) for t in reply]}
+            keyed.append((self.render(context), args))
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            for start in range(0, len(todo), ACTIVATION_CHUNK):  # stored chunk by chunk as they are computed
+                chunk = todo[start : start + ACTIVATION_CHUNK]
+                for m, tensor in enumerate(
+                    self.inner.activations([items[k] for k in chunk], layers, positions)
+                ):
+                    yield start + m, tensor_blob(tensor)
+
+        out: list[Any] = [None] * len(items)
+        for k, result in self._through_store("activations", keyed, compute):
+            out[k] = blob_tensor(result)
+        return out
 
     def sample_indices(
         self, context: Context, indices: Sequence[int], params: SampleParams

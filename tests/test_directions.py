@@ -259,12 +259,14 @@ def test_the_directions_experiment_on_the_tiny_model(tiny, tmp_path: Path):
     assert s["extraction"]["layers"] == [0, 1, 2]
     layer = s["dose"]["layer"]
     assert layer == s["extraction"]["methods"]["mean_diff"]["chosen_layer"]
-    # the mean-difference vector is that of the training prompts' activations
+    # the mean-difference vector is that of the training prompts' activations (as the store keeps them:
+    # float16-rounded)
     train = [spec.prompts[i] for i in s["extraction"]["split"]["train"]]
     lib = spec.mask_library()
     c = dirs.contrast_activations(tiny, lib.get("pirate"), lib.get("assistant"), train, [layer])
     v = np.array(s["vectors"]["mean_diff"][layer])
-    assert np.allclose(v, dirs.mean_difference(*c.at(layer)), atol=1e-5)
+    pos, neg = (x.astype(np.float16).astype(np.float32) for x in c.at(layer))
+    assert np.allclose(v, dirs.mean_difference(pos, neg), atol=1e-5)
     # alpha 0: the unsteered model's exact probability, for the direction and the random vector alike
     points = {p["label"]: p for p in s["dose"]["points"]}
     direct = [
@@ -287,9 +289,12 @@ def test_the_directions_experiment_on_the_tiny_model(tiny, tmp_path: Path):
     )
     assert mon["posterior_smoothed"] == pytest.approx(np.exp(post.smoothed[:, 0]).tolist(), abs=1e-9)
     ctx = Mask(name="none").conversation(spec.monitor.transcript[:1])
-    acts = tiny.activations([(ctx, post.token_ids)], [layer], positions="all")[0][0].numpy()[
-        -len(post.token_ids) :
-    ]
+    acts = (
+        tiny.activations([(ctx, post.token_ids)], [layer], positions="all")[0][0]
+        .half()
+        .float()
+        .numpy()[-len(post.token_ids) :]
+    )
     assert mon["projection"] == pytest.approx((acts @ (v / np.linalg.norm(v))).tolist(), abs=1e-4)
     assert -1 <= mon["correlation"]["smoothed"] <= 1 and 0 < mon["null"]["smoothed"]["p"] <= 1
     for name in ("auroc_by_layer.png", "dose_response.png", "monitoring.png", "report.html"):

@@ -84,6 +84,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "reward": Experiment("maskscope.experiments.reward", "RewardSpec", lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o)),  # noqa: E501
     "misalignment": Experiment("maskscope.experiments.misalignment", "MisalignmentSpec", lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o)),  # noqa: E501
     "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
+    "drift": Experiment("maskscope.experiments.drift", "DriftSpec", lambda s, o: importlib.import_module("maskscope.experiments.drift").plots(s, o)),  # noqa: E501
 }
 
 __all__ = ["EXPERIMENTS", "Experiment"]

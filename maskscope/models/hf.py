@@ -569,7 +569,12 @@ class HFModel(ChatTokenizer, ModelAPI):
         """The residual stream of each item at the given layers (0 = embedding output, i = output of decoder
         layer i), as float32: "last" -> [layers, H] at the prompt's last token; "reply_mean" -> [layers, H], the
         mean over the reply tokens an item gives as (context, token ids); "all" -> [layers, T, H] at every token
-        of prompt + reply. Under `steer`, the steered activations."""
+        of prompt + reply. Under `steer`, the steered activations.
+
+        Items are grouped by the prefix they share (the prompts of one mask all begin with its system prompt
+        and example exchange; two masks share little more than the template's first tokens) and batched
+        within a group: the prefix a batch shares, up to each prompt's last token, is encoded once (causal
+        attention makes its states the same in every row), and the hooks keep only the positions asked for."""
         if positions not in ("last", "reply_mean", "all"):
             raise UserError(f"positions must be last, reply_mean or all, not {positions!r}")
         layers = check_layers(self.model, layers)
@@ -583,21 +588,35 @@ class HFModel(ChatTokenizer, ModelAPI):
             prompt_lens.append(len(prompt))
         out: list[torch.Tensor | None] = [None] * len(seqs)
         cost = [len(s) for s in seqs]
-        order = sorted(range(len(seqs)), key=lambda i: -cost[i])
-        for batch in plan_batches(order, cost, self.token_budget, self.max_batch):
-            with capture(self.model, layers) as seen:
-                self.encode(
-                    [seqs[i] for i in batch], min_shared=10**9, starts=[prompt_lens[i] - 1 for i in batch]
-                )
-            stacked = torch.stack([seen[layer][0] for layer in layers], dim=1)  # [B, layers, T, H]
-            for row, i in enumerate(batch):
-                n, p = len(seqs[i]), prompt_lens[i]
-                if positions == "last":
-                    out[i] = stacked[row, :, p - 1]
-                elif positions == "reply_mean":
-                    out[i] = stacked[row, :, p:n].mean(dim=1)
+        batches = (
+            batch
+            for group in _prefix_groups(seqs)
+            for batch in plan_batches(group, cost, self.token_budget, self.max_batch)
+        )
+        for batch in batches:
+            rows = [seqs[i] for i in batch]
+            starts = [prompt_lens[i] - 1 for i in batch]
+            # the shared prefix ends at or before every row's last prompt token, so every position read
+            # ("last", the reply) lies after it; "reply" steering never reaches it (_unsteered_up_to)
+            shared = (
+                min(common_prefix(rows), min(starts), self._unsteered_up_to(starts)) if len(rows) > 1 else 0
+            )
+            prefix, before = None, None
+            if shared >= MIN_SHARED:
+                if positions == "all":
+                    with capture(self.model, layers) as seen_prefix:
+                        prefix = self.encode_prefix(rows[0][:shared])
+                    # [layers, shared, H]: the prefix's states, read once for every row
+                    before = torch.stack([seen_prefix[layer][0][0] for layer in layers])
                 else:
-                    out[i] = stacked[row, :, :n]
+                    prefix = self.encode_prefix(rows[0][:shared])
+            offset = 0 if prefix is None else shared
+            keep = _keeper(positions, [len(s) - offset for s in rows], [p - offset for p in starts])
+            with capture(self.model, layers, keep) as seen:
+                self.encode(rows, prefix=prefix, min_shared=10**9, starts=starts)
+            for row, i in enumerate(batch):
+                got = torch.stack([seen[layer][0][row] for layer in layers])
+                out[i] = got if before is None else torch.cat([before, got], dim=1)
         return [t for t in out if t is not None]
 
     @contextmanager
@@ -1016,3 +1035,33 @@ def _seq_index(seqs: Sequence[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], 
     for s in seqs:
         index.setdefault(s, len(index))
     return list(index), index
+
+
+def _keeper(positions: str, lengths: Sequence[int], lasts: Sequence[int]) -> Callable[[torch.Tensor], Any]:
+    """What the activation hooks keep of a batch's hidden states [B, T, H], row by row (positions counted
+    from the first position of the pass): the prompt's last token, the mean over the reply, or every token."""
+
+    def keep(hidden: torch.Tensor) -> list[torch.Tensor]:
+        if positions == "last":
+            return [hidden[r, p] for r, p in enumerate(lasts)]
+        if positions == "reply_mean":
+            return [
+                hidden[r, p + 1 : n].float().mean(dim=0)
+                for r, (p, n) in enumerate(zip(lasts, lengths, strict=True))
+            ]
+        return [hidden[r, :n] for r, n in enumerate(lengths)]
+
+    return keep
+
+
+def _prefix_groups(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of the sequences in token order, cut into runs whose neighbours share at least MIN_SHARED
+    tokens (in sorted order, the prefix a run shares is the least of its neighbours' common prefixes)."""
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and common_prefix([seqs[groups[-1][-1]], seqs[i]]) >= MIN_SHARED:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
