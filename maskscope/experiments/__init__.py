@@ -80,6 +80,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "cot": Experiment("maskscope.experiments.cot", "CotSpec", _cot_plots),
     "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
     "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
+    "diff": Experiment("maskscope.experiments.diff", "DiffSpec", lambda s, o: importlib.import_module("maskscope.experiments.diff").plots(s, o)),  # noqa: E501
     "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
 }
 
