@@ -269,3 +269,11 @@ def test_over_http_ranks_from_prompt_logprobs_equal_the_engines(tiny, perturbed)
     for a, b in zip(got, ref, strict=True):
         assert a["ranks"] == b["ranks"]
         np.testing.assert_allclose(a["parent_logprobs"], b["parent_logprobs"], atol=1e-4)
+
+
+def test_the_shipped_example_is_a_valid_spec():
+    from maskscope.runner import load_spec
+
+    _, spec = load_spec(Path(__file__).parent.parent / "examples" / "diff.yaml")
+    assert spec.model == "default" and spec.child == "default+lora:organisms/distill-pirate"
+    assert spec.extra_models() == {"child": spec.child} and len(spec.prompt_list()) == 8
