@@ -217,6 +217,7 @@ def test_experiment_end_to_end_zero_and_perturbed_children(tiny_dir, tiny, zero_
     assert s["kl"]["child_replies"]["kl_parent_child"]["total"] > 0.01
     assert s["update_size"]["total"] > 1e-3
     assert s["token_shift"]["shares"]["unshifted"]["rate"] < 1.0
+    assert {e["kind"] for e in s["token_shift"]["most_shifted"]} == {"greedy"}  # the child's own choices
     misses = s["run"]["misses"]
     out = run_experiment(
         EXPERIMENTS["diff"], spec(perturbed_dir, "pert"), out_root=tmp_path, store_path=store

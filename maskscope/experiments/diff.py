@@ -199,7 +199,18 @@ def run(
     shift = diffing.token_shift(
         on_child, child_prompt_of, [ids for _, _, _, ids, _ in child_replies], decode, top=spec.top_shifted
     )
+    # The most shifted tokens of the greedy replies when there are any: the child's own choices. A sampled
+    # reply also holds draws that are improbable under the child itself, which would crowd the list.
+    listed = [k for k, c in enumerate(child_replies) if c[1] == "greedy"] or list(range(len(child_replies)))
+    shift["most_shifted"] = diffing.token_shift(
+        [on_child[k] for k in listed],
+        [child_prompt_of[k] for k in listed],
+        [child_replies[k][3] for k in listed],
+        decode,
+        top=spec.top_shifted,
+    )["most_shifted"]
     for e in shift["most_shifted"]:
+        e["reply"] = listed[e["reply"]]
         p, kind, index, _, _ = child_replies[e["reply"]]
         e.update(prompt=prompts[p], kind=kind, index=index)
     shift["by_kind"] = {
