@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from maskscope.report import plain_text, save_figure  # noqa: E402
 
@@ -83,6 +84,8 @@ def _kl_curve(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("position")
     ax.set_ylabel("mean KL (nats)  [exact]")
     ax.set_yscale("symlog", linthresh=1e-3)
+    # plain-text labels (no mathtext, see maskscope.report.PLAIN_TEXT): write the log ticks as numbers
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(fontsize=7)
     ax.set_title("KL per position, both directions")
     fig.tight_layout()
