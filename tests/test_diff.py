@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ def _adapter(tiny_dir: Path, tiny, out: Path, *, scale: float, seed: int = 0, al
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0))
+    config = LoraConfig(r=4, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0)
+    with warnings.catch_warnings():  # peft calls a transformers method transformers deprecated (peft's call)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        peft = get_peft_model(base, config)
     if scale:
         with torch.no_grad():
             for name, p in peft.named_parameters():
@@ -142,7 +146,9 @@ def test_lora_update_size_equals_peft_merged_weights_minus_the_parents(tiny_dir,
     from transformers import AutoModelForCausalLM
 
     got = diffing.update_size_lora(tiny.model, perturbed_dir)
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(perturbed_dir))
+    with warnings.catch_warnings():  # peft calls a transformers method transformers deprecated (peft's call)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(perturbed_dir))
     merged = merged.merge_and_unload()
     parent = {name: p.detach() for name, p in tiny.model.named_parameters()}
     dw_sq = w_sq = 0.0
