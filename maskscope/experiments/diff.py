@@ -13,7 +13,7 @@ prompts. See docs/diffing.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,14 @@ class DiffSpec(RunSpec):
     """Parent (`model` or `parent`) and child, the prompts, and what to measure."""
 
     experiment: Literal["diff"] = "diff"
+    # paths resolved against the spec file where specs resolve paths (`path_fields`)
+    path_fields: ClassVar[dict[str, str]] = {
+        "model": "model",
+        "parent": "model",
+        "child": "model",
+        "library": "file",
+        "prompts_file": "file",
+    }
     parent: str | None = Field(None, description="The parent model (same as `model`; give one of them).")
     child: str = Field(description='The child: "PARENT+lora:DIR" or "hf:DIR" with the parent\'s tokenizer.')
     prompts: list[str] = Field(default_factory=list, description="User turns the replies answer.")
