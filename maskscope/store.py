@@ -766,6 +766,7 @@ class CachedModel(ModelAPI):
         "sample_indices",
         "token_logprobs",
         "support_logprobs",
+        "token_ranks",
         "forced_answers",
         "continuations",
         "rewards",
@@ -782,6 +783,7 @@ class CachedModel(ModelAPI):
             "end_tokens",
             "missing_capabilities",
             "request_stats",
+            "position_logprobs",  # [T x V] per item, too large to store: what is computed from it is (`derived`)
             "num_layers",
         }
     )
@@ -959,6 +961,30 @@ class CachedModel(ModelAPI):
             yield from self.inner.support_logprobs([items[k] for k in todo])
 
         yield from self._through_store("support_logprobs", keyed, compute)
+
+    def token_ranks(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        """Log-probability and rank of each given token after each context, through the store."""
+        keyed = [(self.render(c), {"token_ids": list(ids)}) for c, ids in items]
+
+        def compute(todo: list[int]) -> Iterator[tuple[int, Any]]:
+            yield from self.inner.token_ranks([items[k] for k in todo])
+
+        yield from self._through_store("token_ranks", keyed, compute)
+
+    def derived(
+        self,
+        method: str,
+        keyed: Sequence[tuple[str, Mapping[str, Any]]],
+        compute: Callable[[list[int]], Iterator[tuple[int, Any]]],
+    ) -> Iterator[tuple[int, Any]]:
+        """A request type computed from this model's uncached calls and other inputs (e.g. a second model's
+        distributions), through the store like every other: item k has key parts (method, prompt, args)
+        under this model's fingerprint; `args` must hold everything else that changes the result (such as
+        the other model's fingerprint). `compute(missing item indices)` yields (position in that list, JSON
+        result)."""
+        yield from self._through_store(method, keyed, compute)
 
     def forced_answers(
         self, jobs: Sequence[ForcedJob], *, max_rows: int = 32

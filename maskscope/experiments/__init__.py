@@ -83,6 +83,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "latent": Experiment("maskscope.experiments.latent", "LatentSpec", lambda s, o: importlib.import_module("maskscope.report.latent_plots").latent_plots(s, o)),  # noqa: E501
     "reward": Experiment("maskscope.experiments.reward", "RewardSpec", lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o)),  # noqa: E501
     "misalignment": Experiment("maskscope.experiments.misalignment", "MisalignmentSpec", lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o)),  # noqa: E501
+    "diff": Experiment("maskscope.experiments.diff", "DiffSpec", lambda s, o: importlib.import_module("maskscope.experiments.diff").plots(s, o)),  # noqa: E501
     "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
     "drift": Experiment("maskscope.experiments.drift", "DriftSpec", lambda s, o: importlib.import_module("maskscope.experiments.drift").plots(s, o)),  # noqa: E501
 }

@@ -285,6 +285,8 @@ class Capability(StrEnum):
     SAMPLE = "sample"
     TOKEN_LOGPROBS = "token_logprobs"
     SUPPORT_LOGPROBS = "support_logprobs"
+    POSITION_LOGPROBS = "position_logprobs"  # the full next-token distribution at each position of tokens
+    TOKEN_RANKS = "token_ranks"
     CUTS = "cuts"  # forced answers and continuations from cuts of a stored sequence (KV reuse)
     ACTIVATIONS = "activations"
     STEERING = "steering"
@@ -391,6 +393,28 @@ class SupportLogprobs(Protocol):
 
 
 @runtime_checkable
+class PositionLogprobs(Protocol):
+    """The full next-token log-probability vector at each position of given tokens, from one teacher-forced
+    pass."""
+
+    def position_logprobs(self, items: Sequence[tuple[Context, Sequence[int]]]) -> Iterator[tuple[int, Any]]:
+        """Yield (item index, log-probabilities [T, V] before each of the T given tokens) as each exists."""
+        ...
+
+
+@runtime_checkable
+class TokenRanks(Protocol):
+    """The log-probability and the rank of each given token after a context (rank 1: the most probable token;
+    tied tokens share the best rank, i.e. rank = 1 + the number of tokens strictly more probable)."""
+
+    def token_ranks(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        """Yield (item index, {"logprobs": [...], "ranks": [...]}) as each exists."""
+        ...
+
+
+@runtime_checkable
 class Cuts(Protocol):
     """Forced answers and free continuations from cuts of a stored sequence (the KV cache reused)."""
 
@@ -442,6 +466,8 @@ PROTOCOLS: dict[Capability, type] = {
     Capability.SAMPLE: Sampling,
     Capability.TOKEN_LOGPROBS: TokenLogprobs,
     Capability.SUPPORT_LOGPROBS: SupportLogprobs,
+    Capability.POSITION_LOGPROBS: PositionLogprobs,
+    Capability.TOKEN_RANKS: TokenRanks,
     Capability.CUTS: Cuts,
     Capability.ACTIVATIONS: Activations,
     Capability.STEERING: Steering,

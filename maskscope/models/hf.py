@@ -210,6 +210,8 @@ class HFModel(ChatTokenizer, ModelAPI):
             Capability.SAMPLE,
             Capability.TOKEN_LOGPROBS,
             Capability.SUPPORT_LOGPROBS,
+            Capability.POSITION_LOGPROBS,
+            Capability.TOKEN_RANKS,
             Capability.CUTS,
             Capability.ACTIVATIONS,
             Capability.STEERING,
@@ -531,6 +533,26 @@ class HFModel(ChatTokenizer, ModelAPI):
             chosen = dists.gather(1, ids)
             rest = dists.scatter(1, ids, float("-inf")).logsumexp(dim=-1, keepdim=True)
             yield k, {"support": ids.tolist(), "logprobs": torch.cat([chosen, rest], dim=1).tolist()}
+
+    def position_logprobs(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """The full next-token log-probabilities [T, V] before each of the given T tokens after each context,
+        from one teacher-forced pass (not one pass per position)."""
+        encoded = [(self.encode_prompt(c), list(ids)) for c, ids in items]
+        for k, _, dists in self.teacher_forced(encoded, distributions=True):
+            yield k, dists
+
+    def token_ranks(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        """Each given token's log-probability and rank after each context (rank = 1 + the number of tokens
+        strictly more probable: ties share the best rank, as vLLM's prompt_logprobs report it)."""
+        for k, dists in self.position_logprobs(items):
+            ids = torch.tensor(list(items[k][1]), device=dists.device)[:, None]
+            chosen = dists.gather(1, ids)
+            ranks = (dists > chosen).sum(dim=1) + 1
+            yield k, {"logprobs": chosen[:, 0].tolist(), "ranks": ranks.tolist()}
 
     # ----------------------------------------------------------------- distributions
     def next_token_distributions(

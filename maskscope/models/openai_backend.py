@@ -21,7 +21,10 @@ What a server can do, and so which experiments run, is found out when the model 
   ``prompt_logprobs``, else the completions endpoint's ``echo`` with ``logprobs``. Both are probed when the
   model is loaded, and the echo is checked against the log-probability of a generated token (a server that
   misaligns echoed log-probabilities is not used for scoring).
-- never: full distributions over the vocabulary (``support_logprobs``), activations, steering.
+- ``token_ranks`` (each given token's log-probability and rank, for the token shift of the ``diff``
+  experiment): vLLM's ``prompt_logprobs`` reports the rank beside the log-probability; echo does not.
+- never: full distributions over the vocabulary (``support_logprobs``, ``position_logprobs``: so no exact KL),
+  activations, steering.
 
 Requests run in a thread pool (``concurrency`` in flight at most). Rate limits (429), server errors (5xx),
 connection errors and timeouts are retried with exponential backoff and full jitter, up to ``max_retries``
@@ -238,6 +241,8 @@ class OpenAIModel(ModelAPI):
         caps = {"sample", "next_token_distribution"}
         if self.scoring:
             caps |= {"score", "token_logprobs"}
+        if self.scoring == "prompt_logprobs":
+            caps |= {"token_ranks"}  # vLLM reports each prompt token's rank with its log-probability
         self.capabilities = frozenset(caps)
 
     # ----------------------------------------------------------------- identity and rendering
@@ -266,6 +271,8 @@ class OpenAIModel(ModelAPI):
         """What this backend cannot do here, and why (shown in `maskscope models` and refusals)."""
         missing = {
             "support_logprobs": "servers return only the top log-probabilities, not full distributions",
+            "position_logprobs": "servers return log-probabilities and ranks of given tokens, not the full "
+            "distribution at every position (exact KL needs it)",
             "cuts": "forced answers and continuations from cuts of a sequence need the transformers engine",
             "activations": "servers do not expose activations",
             "steering": "stock OpenAI-compatible servers have no steering of activations (docs/directions.md)",
@@ -274,6 +281,10 @@ class OpenAIModel(ModelAPI):
             missing["score"] = "exact scoring needs the model's tokenizer here (server option `tokenizer`)"
         elif not self.scoring:
             missing["score"] = "the server returns no prompt log-probabilities (prompt_logprobs or echo)"
+        if self.scoring != "prompt_logprobs":
+            missing["token_ranks"] = (
+                "token ranks need the server's prompt_logprobs (vLLM); echo gives no ranks"
+            )
         return missing
 
     def render(self, context: Context) -> str:
@@ -324,6 +335,29 @@ class OpenAIModel(ModelAPI):
         chat = self._scoring_chat("token log-probabilities")
         encoded = [(chat.encode_prompt(c), list(ids)) for c, ids in items]
         yield from self._map(lambda k: self._prompt_logprobs(*encoded[k]), range(len(encoded)))
+
+    def token_ranks(
+        self, items: Sequence[tuple[Context, Sequence[int]]]
+    ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        """Each given token's exact log-probability and rank after each context, from the server's
+        prompt_logprobs (rank 1: the most probable token; vLLM counts the tokens strictly more probable)."""
+        chat = self._scoring_chat("token ranks")
+        if self.scoring != "prompt_logprobs":
+            raise UserError(f"token ranks over {self.url}: {self.missing_capabilities()['token_ranks']}")
+        encoded = [(chat.encode_prompt(c), list(ids)) for c, ids in items]
+
+        def one(k: int) -> dict[str, list[Any]]:
+            prompt, cont = encoded[k]
+            rows = self._prompt_rows(prompt, cont)
+            entries = [row[str(t)] for row, t in zip(rows, cont, strict=True)]
+            if any(e.get("rank") is None for e in entries):
+                raise UserError(f"token ranks over {self.url}: the server's prompt_logprobs carry no ranks")
+            return {
+                "logprobs": [float(e["logprob"]) for e in entries],
+                "ranks": [int(e["rank"]) for e in entries],
+            }
+
+        yield from self._map(one, range(len(encoded)))
 
     def next_token_distributions(
         self, contexts: Sequence[Context], top_k: int
@@ -531,16 +565,7 @@ class OpenAIModel(ModelAPI):
         assert self.chat is not None
         ids = list(prompt) + list(cont)
         if self.scoring == "prompt_logprobs":
-            response = self._call(
-                lambda: self.client.completions.create(
-                    model=self.model,
-                    prompt=ids,
-                    max_tokens=1,
-                    temperature=0.0,
-                    extra_body={"prompt_logprobs": 0},
-                )
-            )
-            rows = response.choices[0].prompt_logprobs[len(prompt) :]
+            rows = self._prompt_rows(prompt, cont)
             return [float(row[str(t)]["logprob"]) for row, t in zip(rows, cont, strict=True)]
         text = self._text(ids)
         if not self._templated(prompt):
@@ -552,6 +577,21 @@ class OpenAIModel(ModelAPI):
                     "chat template (they were checked against generated ones): score chat contexts"
                 )
         return self._echo_logprobs(text, list(cont))
+
+    def _prompt_rows(self, prompt: Sequence[int], cont: Sequence[int]) -> list[Any]:
+        """The server's prompt_logprobs entries ({token id: {logprob, rank, ...}}) of the continuation's
+        positions."""
+        ids = list(prompt) + list(cont)
+        response = self._call(
+            lambda: self.client.completions.create(
+                model=self.model,
+                prompt=ids,
+                max_tokens=1,
+                temperature=0.0,
+                extra_body={"prompt_logprobs": 0},
+            )
+        )
+        return list(response.choices[0].prompt_logprobs[len(prompt) :])
 
     def _templated(self, prompt: Sequence[int]) -> bool:
         """Whether a prompt begins like the chat template's prompts (the probe's kind)."""
