@@ -17,6 +17,7 @@ import maskscope as ms
 from maskscope import diffing
 from maskscope.experiments.diff import DiffSpec
 from maskscope.masks import Mask
+from maskscope.models.base import Conversation
 from maskscope.runner import run as run_experiment
 from maskscope.store import CachedModel, Store
 
@@ -184,7 +185,9 @@ def test_group_ratio_bootstraps_over_seeds():
     assert single["ci95"] is None  # never a zero-width interval from one seed
 
 
-def test_experiment_end_to_end_zero_and_perturbed_children(tiny_dir, tiny, zero_dir, perturbed_dir, tmp_path):
+def test_experiment_end_to_end_zero_and_perturbed_children(
+    tiny_dir, tiny, zero_dir, perturbed_dir, perturbed, tmp_path
+):
     """Through the runner and the store: the zero adapter (negative control) gives 100% unshifted on greedy
     replies, KL 0 and update 0; the perturbed child gives nonzero values; a rerun is served from the store."""
 
@@ -201,6 +204,7 @@ def test_experiment_end_to_end_zero_and_perturbed_children(tiny_dir, tiny, zero_
             masks=[Mask(name="plain"), Mask(name="pirate", system="You are a pirate.")],
             explain_samples=1,
             explain_bootstrap=5,
+            responses=[{"prompt": PROMPTS[0], "response": "Arr, matey!", "label": "pirate"}],
         )
 
     from maskscope.experiments import EXPERIMENTS
@@ -214,6 +218,7 @@ def test_experiment_end_to_end_zero_and_perturbed_children(tiny_dir, tiny, zero_
         assert s["kl"][key]["kl_child_parent"]["total"] == 0.0
     assert s["update_size"]["total"] == 0.0
     assert s["explain"]["near_no_mask"]  # nothing for the masks to explain
+    assert s["implicit_reward"]["items"][0]["total"] == 0.0  # the zero adapter rewards nothing
     assert (out / "report.html").exists() and (out / "update_by_layer.png").exists()
 
     out = run_experiment(
@@ -224,6 +229,15 @@ def test_experiment_end_to_end_zero_and_perturbed_children(tiny_dir, tiny, zero_
     assert s["update_size"]["total"] > 1e-3
     assert s["token_shift"]["shares"]["unshifted"]["rate"] < 1.0
     assert {e["kind"] for e in s["token_shift"]["most_shifted"]} == {"greedy"}  # the child's own choices
+    # the implicit reward is the difference of the two models' own scores of the response
+    conversation = Conversation.of(user=PROMPTS[0])
+    expected = (
+        perturbed.score(conversation, "Arr, matey!")[0].total
+        - tiny.score(conversation, "Arr, matey!")[0].total
+    )
+    got = s["implicit_reward"]["items"][0]
+    assert got["total"] == pytest.approx(expected, abs=1e-4) and abs(got["total"]) > 1e-3
+    assert "Arr, matey!" in (out / "report.html").read_text()
     misses = s["run"]["misses"]
     out = run_experiment(
         EXPERIMENTS["diff"], spec(perturbed_dir, "pert"), out_root=tmp_path, store_path=store

@@ -32,9 +32,19 @@ class Groups(BaseModel):
     compared: the ratio of the groups' mean totals, with a bootstrap over seeds."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"a": "file", "b": "file"}  # relative to the spec file
     a: list[str] = Field(min_length=1, description="Adapter directories of group a (the numerator).")
     b: list[str] = Field(min_length=1, description="Adapter directories of group b (the denominator).")
     names: tuple[str, str] = Field(("a", "b"), description="Labels of the two groups.")
+
+
+class GivenResponse(BaseModel):
+    """A response whose implicit reward log C(y|x) - log P(y|x) is measured."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, description="The user turn.")
+    response: str = Field(min_length=1, description="The assistant's response, teacher-forced.")
+    label: str = Field("", description="A label for the report (e.g. the category of the response).")
 
 
 class DiffSpec(RunSpec):
@@ -75,6 +85,9 @@ class DiffSpec(RunSpec):
         200, ge=0, le=100_000, description="Bootstrap resamples of the explain fit."
     )
     groups: Groups | None = Field(None, description="Two groups of adapters whose update sizes are compared.")
+    responses: list[GivenResponse] = Field(
+        default_factory=list, description="Given responses: their implicit reward under child and parent."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -262,6 +275,22 @@ def run(
             **diffing.group_ratio(totals["a"], totals["b"], seed=spec.seed),
         }
 
+    rewards = None
+    if spec.responses:
+        from maskscope.reward import implicit_reward
+        from maskscope.stats import mean_ci
+
+        given = [(Conversation.of(user=r.prompt), r.response) for r in spec.responses]
+        advance = progress.task("exact: implicit reward of the given responses", 1)
+        scored = implicit_reward(parent, child, given)
+        advance(1)
+        rows = [{**r.model_dump(), **s.to_json()} for r, s in zip(spec.responses, scored, strict=True)]
+        rewards = {
+            "items": rows,
+            "total": mean_ci([s.total for s in scored], seed=spec.seed),
+            "per_token": mean_ci([s.mean for s in scored], seed=spec.seed),
+        }
+
     explained = None
     if library is not None:
         explained = _explain(parent, child, spec, prompts, library, progress)
@@ -283,6 +312,7 @@ def run(
         "kl": kl,
         "update_size": update,
         "groups": groups,
+        "implicit_reward": rewards,
         "explain": explained,
         "definitions": DEFINITIONS,
     }
