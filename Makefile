@@ -44,7 +44,7 @@ $(SERVER_STAMP): $(STAMP)
 	touch $(SERVER_STAMP)
 
 test: $(STAMP) $(SERVER_STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check maskscope tests bench
