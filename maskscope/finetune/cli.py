@@ -66,6 +66,12 @@ def finetune_command(
 
 def print_measure(result: dict[str, Any]) -> None:
     """The measured figures as a table."""
+    if result["kind"] == "distill" and not result["kl_parent"] > 0:  # the control: no mask to distil
+        out.print(
+            f"control (no mask): KL(parent || child) per position {result['kl_parent_to_child']:.4f} over "
+            f"{result['items']} held-out replies (top {result['top_k']} + rest): how far the child moved"
+        )
+        return
     if result["kind"] == "distill":
         out.print(
             f"exact per-position KL to the parent under the mask ({result['items']} held-out replies, top "

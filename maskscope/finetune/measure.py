@@ -87,7 +87,8 @@ def distill_figures(model: Any, parent: Any, items: list[dict[str, Any]], top_k:
             p = np.exp(np.asarray(ref_out[k]["logprobs"]))
             q_log = np.asarray(got[k]["logprobs"])
             kl = (p * (np.log(np.maximum(p, 1e-300)) - q_log)).sum(axis=1)
-            per_item.append(float(kl.mean()))
+            # KL >= 0; a model against itself sums to +-1e-18 in floating point: shown as 0, not -0.0000
+            per_item.append(max(0.0, float(kl.mean())))
         return per_item
 
     # how far the model moved from the parent itself (no mask on either side), over the parent's top k
@@ -98,9 +99,8 @@ def distill_figures(model: Any, parent: Any, items: list[dict[str, Any]], top_k:
     moved = []
     for k in range(len(items)):
         p = np.exp(np.asarray(own[k]["logprobs"]))
-        moved.append(
-            float((p * (np.log(np.maximum(p, 1e-300)) - np.asarray(got[k]["logprobs"]))).sum(1).mean())
-        )
+        kl = float((p * (np.log(np.maximum(p, 1e-300)) - np.asarray(got[k]["logprobs"]))).sum(1).mean())
+        moved.append(max(0.0, kl))
     return {"exact": True, "top_k": top_k, "items": len(items), "kl_model": kl_to(model),
             "kl_parent": kl_to(parent), "kl_moved": moved}  # fmt: skip
 
