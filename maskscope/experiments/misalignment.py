@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from maskscope.errors import UserError
-from maskscope.experiments.spec import RunSpec
+from maskscope.experiments.spec import RunSpec, check_regex
 from maskscope.masks import Mask
 from maskscope.models.base import Capability, ContinueJob, Message, require
 from maskscope.progress import Progress, Silent
@@ -106,11 +106,7 @@ class MisalignmentSpec(RunSpec):
     @field_validator("misaligned_pattern", "aligned_pattern")
     @classmethod
     def _valid_pattern(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"bad regular expression {v!r}: {e}") from e
-        return v
+        return check_regex(v)
 
     @model_validator(mode="after")
     def _unique(self) -> MisalignmentSpec:

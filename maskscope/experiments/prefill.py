@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from maskscope.experiments.character import union_probability
-from maskscope.experiments.spec import RunSpec
+from maskscope.experiments.spec import RunSpec, check_regex
 from maskscope.masks import Mask
 from maskscope.models.base import Capability, ContinueJob, Scored, require
 from maskscope.progress import Progress, Silent
@@ -124,11 +124,7 @@ class PrefillSpec(RunSpec):
     @field_validator("marker_pattern")
     @classmethod
     def _valid_pattern(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"bad regular expression {v!r}: {e}") from e
-        return v
+        return check_regex(v)
 
     @model_validator(mode="after")
     def _unique(self) -> PrefillSpec:

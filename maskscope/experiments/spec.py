@@ -184,6 +184,15 @@ def resolve_model_name(name: str, base: Path) -> str:
     return "+lora:".join([parent, *(local(a) if a else a for a in adapters)])
 
 
+def check_regex(value: str) -> str:
+    """A spec field holding a regular expression: the value if it compiles, else a ValueError naming it."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"bad regular expression {value!r}: {e}") from e
+    return value
+
+
 def resolve_paths(
     spec: BaseModel, base: Path, keep: frozenset[tuple[Any, ...]] = frozenset(), where: tuple[Any, ...] = ()
 ) -> None:
