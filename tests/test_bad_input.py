@@ -294,30 +294,36 @@ def test_a_hostile_weights_file_is_one_line_runs_nothing_and_leaves_nothing(tiny
 
 def test_ctrl_c_during_a_run_exits_130_and_the_rerun_resumes(tiny_dir: Path, tmp_path: Path):
     import os
+    import re
     import signal
     import subprocess
     import sys
-    import time
+    import threading
 
-    spec = _spec(tmp_path, _character("intr", f"hf:{tiny_dir}", samples=400, max_new_tokens=16))
+    samples = 1500  # enough work that the signal lands mid-run (400 replies took 6 s on an idle machine)
+    spec = _spec(tmp_path, _character("intr", f"hf:{tiny_dir}", samples=samples, max_new_tokens=16))
     cmd = [sys.executable, "-m", "maskscope.cli", "run", str(spec), "--out", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = tmp_path / "out" / "maskscope.sqlite"
-    deadline = time.time() + 300
-    stored = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            con = sqlite3.connect(db)
-            stored = con.execute("SELECT COUNT(*) FROM calls WHERE method = 'sample'").fetchone()[0]
-            con.close()
-        except sqlite3.Error:
-            stored = 0
-        if stored >= 20:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=120)
+    # Progress goes to stderr as plain lines (not a terminal): interrupt once some replies are stored.
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"sampled: replies: (\d+)/", line)
+            if m and int(m.group(1)) >= 40:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(timeout=300), "".join(lines)[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
     assert proc.returncode == 130, err
     assert [x for x in err.splitlines() if x.strip()][-1] == "interrupted: rerun the same command to resume"
     con = sqlite3.connect(db)
@@ -327,4 +333,4 @@ def test_ctrl_c_during_a_run_exits_130_and_the_rerun_resumes(tiny_dir: Path, tmp
     assert kept >= 20 and status == "interrupted"
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
     summary = json.loads((tmp_path / "out" / "intr" / "summary.json").read_text())
-    assert summary["run"]["hits"] == kept and summary["run"]["misses"] == 1 + 1 + 400 - kept
+    assert summary["run"]["hits"] == kept and summary["run"]["misses"] == 1 + 1 + samples - kept
