@@ -240,15 +240,15 @@ def load_reward_model(name: str, *, append_eos: bool = True) -> RewardModel:
     import torch
     import transformers
 
-    from maskscope.models.loading import _first_line, _load_errors, _quiet, weights_digest
+    from maskscope.models.loading import first_line, load_errors, quiet_transformers, weights_digest
 
     directory = check_reward_dir(name)
-    _quiet(transformers)
+    quiet_transformers(transformers)
     digest = weights_digest(directory)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         classifier = transformers.AutoModelForSequenceClassification
         model = classifier.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
-    except _load_errors() as e:
-        raise UserError(f"cannot load reward model from {directory}: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise UserError(f"cannot load reward model from {directory}: {first_line(e)}") from e
     return RewardModel(model, tokenizer, name=directory.name, weights_digest=digest, append_eos=append_eos)

@@ -71,7 +71,7 @@ def weights_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def _quiet(transformers: Any) -> None:
+def quiet_transformers(transformers: Any) -> None:
     """maskscope draws its own progress bars; transformers' per-tensor bars and advisories are noise here."""
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -103,7 +103,8 @@ LOAD_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
+def load_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a damaged or foreign model file raises while loading (turned into one-line errors)."""
     import pickle
 
     return (*LOAD_ERRORS, pickle.UnpicklingError)
@@ -148,7 +149,7 @@ def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
     import transformers
     from safetensors.torch import save_model
 
-    _quiet(transformers)
+    quiet_transformers(transformers)
     if progress is not None:
         progress(f"dequantizing {gguf.name} once (cached in {target})")
     where, name = str(gguf.parent), gguf.name
@@ -156,8 +157,8 @@ def dequantized_dir(gguf: Path, progress: Any = None) -> tuple[Path, str]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name, local_files_only=True)
         causal_lm = transformers.AutoModelForCausalLM
         model = causal_lm.from_pretrained(where, gguf_file=name, local_files_only=True)
-    except _load_errors() as e:
-        raise UserError(f"cannot read GGUF file {gguf}: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise UserError(f"cannot read GGUF file {gguf}: {first_line(e)}") from e
     # A dequantized model no longer needs the GGUF quantizer: drop it so that the config loads as plain fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -340,7 +341,7 @@ def load_hf_dir(
 
     from maskscope.models.hf import HFModel
 
-    _quiet(transformers)
+    quiet_transformers(transformers)
     digest = digest or weights_digest(directory)
     torch_dtype = getattr(torch, dtype)
     placement: dict[str, Any] = {}
@@ -354,8 +355,8 @@ def load_hf_dir(
         model = causal_lm.from_pretrained(
             str(directory), local_files_only=True, dtype=torch_dtype, **placement
         )
-    except _load_errors() as e:
-        raise UserError(f"cannot load model from {directory}: {_first_line(e)}") from e
+    except load_errors() as e:
+        raise UserError(f"cannot load model from {directory}: {first_line(e)}") from e
     if batch_tokens is None:
         on_cuda = where == "map" or where.startswith("cuda")
         batch_tokens = _cuda_budget(model, torch_dtype.itemsize) if on_cuda else DEFAULT_TOKEN_BUDGET
@@ -380,7 +381,8 @@ def load_gguf(
     return load_hf_dir(directory, name=name or path.stem, digest=digest, precision=precision, **placement)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters), for a one-line error."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]
 
@@ -412,7 +414,7 @@ def load_tokenizer(name: str) -> Any:
 
     from maskscope.models.chat import ChatTokenizer
 
-    _quiet(transformers)
+    quiet_transformers(transformers)
     name = name.split("+lora:")[0]  # an adapter does not change the tokenizer
     scheme, sep, rest = name.partition(":")
     if name in ("default", "bundled", BUNDLED_NAME):
