@@ -304,7 +304,16 @@ def test_ctrl_c_during_a_run_exits_130_and_the_rerun_resumes(tiny_dir: Path, tmp
     spec = _spec(tmp_path, _character("intr", f"hf:{tiny_dir}", samples=samples, max_new_tokens=16))
     cmd = [sys.executable, "-m", "maskscope.cli", "run", str(spec), "--out", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As in a terminal: SIGINT at its default (a shell started in the background, as under nohup or some CI
+    # runners, passes SIGINT on as ignored, and Python then installs no KeyboardInterrupt handler).
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     db = tmp_path / "out" / "maskscope.sqlite"
     # Progress goes to stderr as plain lines (not a terminal): interrupt once some replies are stored.
     lines: list[str] = []
