@@ -266,3 +266,30 @@ def test_bad_drift_specs_are_one_line(tiny, tiny_dir: Path, tmp_path: Path):
             run(experiment, spec, out_root=tmp_path / "runs", model=tiny)
     with pytest.raises(UserError, match="behaviour"):
         parse_spec({**base, "behaviour": None})
+
+
+def test_spec_paths_resolve_against_the_spec_file(tmp_path, monkeypatch):
+    """Direction files (a mapping), organisms' adapters and training data, and the behaviour items are
+    relative to the spec file, like every other spec's paths."""
+    from maskscope.runner import load_spec
+
+    (tmp_path / "specs").mkdir()
+    spec = tmp_path / "specs" / "d.yaml"
+    spec.write_text(
+        "experiment: drift\nname: d\nmodel: default\n"
+        "directions: {a: ../vec/a.safetensors, b: b.safetensors}\n"
+        "organisms:\n"
+        "  - {name: x, model: 'default+lora:../kids/x', train: x.jsonl}\n"
+        "  - {name: y, model: 'default+lora:../kids/y'}\n"
+        "  - {name: z, model: 'default+lora:../kids/z'}\n"
+        "behaviour: {items: ../items.jsonl}\n"
+        "prompts: [a, b]\n"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _, parsed = load_spec(spec)
+    assert parsed.directions == {"a": str(tmp_path / "vec" / "a.safetensors"),
+                                 "b": str(tmp_path / "specs" / "b.safetensors")}  # fmt: skip
+    assert parsed.organisms[0].model == f"default+lora:{tmp_path / 'kids' / 'x'}"
+    assert parsed.organisms[0].train == str(tmp_path / "specs" / "x.jsonl")
+    assert parsed.behaviour.items == str(tmp_path / "items.jsonl")

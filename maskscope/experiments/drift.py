@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,6 +38,7 @@ class OrganismSpec(BaseModel):
     """A fine-tuned child of the run's model."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"model": "model", "train": "file"}  # relative to the spec file
     name: str = Field(description="Label of the organism (unique in the run).")
     model: str = Field(description='The child, e.g. "default+lora:organisms/code-insecure".')
     train: str | None = Field(
@@ -76,6 +77,7 @@ class BehaviourSpec(BaseModel):
     """How the behaviour change of each organism (child - parent) is measured, the same way for all."""
 
     model_config = ConfigDict(extra="forbid")
+    path_fields: ClassVar[dict[str, str]] = {"items": "file"}  # relative to the spec file
     items: str | None = Field(
         None,
         description=(
@@ -102,6 +104,7 @@ class DriftSpec(RunSpec):
     """Drift of fine-tuned children along persona directions, against the behaviour change."""
 
     experiment: Literal["drift"] = "drift"
+    path_fields: ClassVar[dict[str, str]] = {**RunSpec.path_fields, "directions": "file"}
     directions: dict[str, str] = Field(
         min_length=1, description="Direction name -> vector file (.safetensors written by `directions`)."
     )

@@ -209,6 +209,10 @@ def resolve_paths(
             setattr(spec, name, _resolved(kinds[name], value, base))
         elif isinstance(value, BaseModel):
             resolve_paths(value, base, keep, loc)
+        elif isinstance(value, dict) and name in kinds:  # names -> paths or model names
+            for key, item in value.items():
+                if isinstance(item, str) and item:
+                    value[key] = _resolved(kinds[name], item, base)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
