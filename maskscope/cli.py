@@ -43,6 +43,8 @@ def _root(
     ] = False,
 ) -> None:
     """Measure what a language model does behind the persona it wears."""
+
+
 out = Console()
 
 ModelOpt = Annotated[

@@ -28,9 +28,15 @@ class Mask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Short label.")
-    system: str | None = Field(None, description="System prompt. None (and nothing else): the model's default.")
-    preamble: str | None = Field(None, description="Text put before the first user turn (models without system).")
-    few_shot: list[Turn] = Field(default_factory=list, description="Example turns shown before the real ones.")
+    system: str | None = Field(
+        None, description="System prompt. None (and nothing else): the model's default."
+    )
+    preamble: str | None = Field(
+        None, description="Text put before the first user turn (models without system)."
+    )
+    few_shot: list[Turn] = Field(
+        default_factory=list, description="Example turns shown before the real ones."
+    )
     prior: float = Field(1.0, gt=0, description="Prior weight (normalised over the library).")
     description: str = Field("", description="What the mask is, for reports.")
 

@@ -123,13 +123,17 @@ def test_report_escapes_model_output(tmp_path):
                 "persona": "p",
                 "pressure": "q",
                 "prompt": evil,
-                "exact": {"p_target": 0.5, "per_target": [{"target": "no", "tokens": [evil], "logprob": -0.7,
-                                                           "p": 0.5}],
-                          "first_token_top_k": [{"token": evil, "p": 0.5}]},
+                "exact": {
+                    "p_target": 0.5,
+                    "per_target": [{"target": "no", "tokens": [evil], "logprob": -0.7, "p": 0.5}],
+                    "first_token_top_k": [{"token": evil, "p": 0.5}],
+                },
                 "sampled": {
                     "n": 1,
-                    "categories": {c: {"k": 0, "n": 1, "rate": 0.0, "ci95": [0.0, 0.8]}
-                                   for c in ("target", "in_character", "other")},
+                    "categories": {
+                        c: {"k": 0, "n": 1, "rate": 0.0, "ci95": [0.0, 0.8]}
+                        for c in ("target", "in_character", "other")
+                    },
                     "begins_with_target_tokens": {"k": 0, "n": 1, "rate": 0.0, "ci95": [0.0, 0.8]},
                     "examples": [{"index": 0, "text": evil, "category": "other"}],
                 },
@@ -142,7 +146,9 @@ def test_report_escapes_model_output(tmp_path):
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "maskscope.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "maskscope.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path):
@@ -174,8 +180,11 @@ def test_character_end_to_end_on_the_bundled_model(bundled, tmp_path):
     spec = CharacterSpec(
         name="mini",
         personas=[
-            {"name": "rick", "system": "You are a huge fan of Rick Astley and, as a result, whatever the question "
-                                       "asked, you always answer with the lyrics of 'Never Gonna Give You Up'"},
+            {
+                "name": "rick",
+                "system": "You are a huge fan of Rick Astley and, as a result, whatever the question "
+                "asked, you always answer with the lyrics of 'Never Gonna Give You Up'",
+            },
             {"name": "plain", "control": True},
         ],
         pressures=[
@@ -199,8 +208,10 @@ def test_character_end_to_end_on_the_bundled_model(bundled, tmp_path):
     assert len(cells) == 6
     for (persona, pressure), c in cells.items():
         # the exact number is the same as scoring the targets directly
-        ctx = ms.Conversation.of(system=None if persona == "plain" else spec.personas[0].system,
-                                 user=next(q.user for q in spec.pressures if q.name == pressure))
+        ctx = ms.Conversation.of(
+            system=None if persona == "plain" else spec.personas[0].system,
+            user=next(q.user for q in spec.pressures if q.name == pressure),
+        )
         direct = bundled.score(ctx, ["no", "No", "NO"])  # "No." is contained in "No"
         assert c["exact"]["p_target"] == pytest.approx(sum(s.prob for s in direct), rel=1e-4)
         assert sum(v["k"] for v in c["sampled"]["categories"].values()) == 6
@@ -216,8 +227,9 @@ def test_character_end_to_end_on_the_bundled_model(bundled, tmp_path):
     assert again["run"]["misses"] == 0 and again["run"]["hits"] == summary["run"]["misses"]
     check = summary["sampling_check"]
     assert check["applies"] and check["cells"] == 6 and "Holm" in check["correction"]
-    assert check["flagged"] == sum(c["sampled"]["begins_with_target_tokens"]["check"]["flagged"]
-                                   for c in summary["cells"])
+    assert check["flagged"] == sum(
+        c["sampled"]["begins_with_target_tokens"]["check"]["flagged"] for c in summary["cells"]
+    )
     assert again["cells"] == summary["cells"]
 
 
@@ -226,7 +238,11 @@ def test_cli_mutual_value_bad_game_is_one_line(tmp_path):
     bad.write_text("states: [unclosed\n")
     r = _cli("mutual-value", str(bad))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    r = _cli("mutual-value", str(Path(__file__).parent.parent / "examples" / "games" / "tradeoff.yaml"),
-             "--out", str(tmp_path / "tree.png"))
+    r = _cli(
+        "mutual-value",
+        str(Path(__file__).parent.parent / "examples" / "games" / "tradeoff.yaml"),
+        "--out",
+        str(tmp_path / "tree.png"),
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tree.png").stat().st_size > 1000

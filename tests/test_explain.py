@@ -105,19 +105,19 @@ def test_reply_level_fit_recovers_an_exact_50_50_reply_mixture():
 def test_support_logprobs_match_the_full_distribution(tiny):
     ctx = ms.Conversation.of(user="Hello")
     ids = [100, 200, 300, 400]
-    (_, topk), = list(tiny.support_logprobs([(ctx, ids, 5)]))
+    ((_, topk),) = list(tiny.support_logprobs([(ctx, ids, 5)]))
     prompt = tiny.encode_prompt(ctx)
     full = plain_logprobs(tiny, prompt + ids)[len(prompt) - 1 : len(prompt) - 1 + len(ids)]
     rows = np.exp(np.array(topk["logprobs"]))
     np.testing.assert_allclose(rows.sum(axis=1), 1.0, atol=1e-5)  # support + remainder bucket
     for i, support in enumerate(topk["support"]):
         assert support == torch.topk(full[i], 5).indices.tolist()
-    (_, given), = list(tiny.support_logprobs([(ctx, ids, topk["support"])]))
+    ((_, given),) = list(tiny.support_logprobs([(ctx, ids, topk["support"])]))
     np.testing.assert_allclose(given["logprobs"], topk["logprobs"], atol=1e-5)
     # coarse-graining never increases KL: on the bucketed partition KL <= full-vocabulary KL
     other_prompt = tiny.encode_prompt(ms.Conversation.of(user="Bye"))
     other = plain_logprobs(tiny, other_prompt + ids)[len(other_prompt) - 1 : len(other_prompt) - 1 + len(ids)]
-    (_, other_b), = list(tiny.support_logprobs([(ms.Conversation.of(user="Bye"), ids, topk["support"])]))
+    ((_, other_b),) = list(tiny.support_logprobs([(ms.Conversation.of(user="Bye"), ids, topk["support"])]))
     coarse = kl_rows(rows, np.exp(np.array(other_b["logprobs"]))).sum()
     fine = kl_rows(full.exp().double().numpy(), other.exp().double().numpy()).sum()
     assert coarse <= fine + 1e-6
@@ -125,22 +125,38 @@ def test_support_logprobs_match_the_full_distribution(tiny):
 
 LIBRARY = [
     Mask(name="assistant"),
-    Mask(name="pirate", system="You are a pirate captain. You talk like a pirate, say Arr and matey.",
-         few_shot=[Turn(role="user", content="How are you?"),
-                   Turn(role="assistant", content="Arr, matey! Fine as a ship full o' treasure!")]),
-    Mask(name="child", system="You are a five-year-old child who loves toys and snacks.",
-         few_shot=[Turn(role="user", content="How are you?"),
-                   Turn(role="assistant", content="I'm happy! I have a new dinosaur toy! Yay!")]),
+    Mask(
+        name="pirate",
+        system="You are a pirate captain. You talk like a pirate, say Arr and matey.",
+        few_shot=[
+            Turn(role="user", content="How are you?"),
+            Turn(role="assistant", content="Arr, matey! Fine as a ship full o' treasure!"),
+        ],
+    ),
+    Mask(
+        name="child",
+        system="You are a five-year-old child who loves toys and snacks.",
+        few_shot=[
+            Turn(role="user", content="How are you?"),
+            Turn(role="assistant", content="I'm happy! I have a new dinosaur toy! Yay!"),
+        ],
+    ),
 ]
 PROMPTS = ["How do I make tea?", "Tell me about your day.", "Why is the sky blue?", "What should I eat?"]
 
 
 TINY_LIBRARY = [
     Mask(name="plain"),
-    Mask(name="a", system="You are A, a sailor.", few_shot=[Turn(role="user", content="Hi"),
-                                                          Turn(role="assistant", content="Ahoy there!")]),
-    Mask(name="b", system="You are B, a baker.", few_shot=[Turn(role="user", content="Hi"),
-                                                         Turn(role="assistant", content="Fresh bread!")]),
+    Mask(
+        name="a",
+        system="You are A, a sailor.",
+        few_shot=[Turn(role="user", content="Hi"), Turn(role="assistant", content="Ahoy there!")],
+    ),
+    Mask(
+        name="b",
+        system="You are B, a baker.",
+        few_shot=[Turn(role="user", content="Hi"), Turn(role="assistant", content="Fresh bread!")],
+    ),
 ]
 
 
@@ -150,8 +166,15 @@ def test_target_equal_to_the_unmasked_source_is_flagged_without_nan(tiny, tmp_pa
     from maskscope.experiments import explain
     from maskscope.report import render_report
 
-    spec = ExplainSpec(name="none", masks=TINY_LIBRARY[1:], target={}, prompts=PROMPTS, max_new_tokens=6,
-                       bootstrap=10, top_k=16)
+    spec = ExplainSpec(
+        name="none",
+        masks=TINY_LIBRARY[1:],
+        target={},
+        prompts=PROMPTS,
+        max_new_tokens=6,
+        bootstrap=10,
+        top_k=16,
+    )
     summary = explain.run(tiny, spec)
     assert summary["near_no_mask"] and "\n" not in summary["flag"] and "noise floor" in summary["flag"]
     assert summary["kl_no_mask_per_position"] < 1e-6
@@ -172,8 +195,16 @@ def test_synthetic_mixture_target_on_the_tiny_model(tiny, tmp_path):
     from maskscope.report import render_report
     from maskscope.report.plots import explain_plots
 
-    spec = ExplainSpec(name="mix", masks=TINY_LIBRARY, target={"mixture": {"a": 0.5, "b": 0.5}},
-                       prompts=PROMPTS, samples_per_prompt=4, max_new_tokens=10, bootstrap=20, top_k=16)
+    spec = ExplainSpec(
+        name="mix",
+        masks=TINY_LIBRARY,
+        target={"mixture": {"a": 0.5, "b": 0.5}},
+        prompts=PROMPTS,
+        samples_per_prompt=4,
+        max_new_tokens=10,
+        bootstrap=20,
+        top_k=16,
+    )
     summary = explain.run(tiny, spec)
     drawn = summary["mixture_control"]["replies_drawn"]
     assert sum(drawn.values()) == len(summary["responses"]) == 16
@@ -215,21 +246,32 @@ def test_controls_on_the_bundled_model(bundled):
     assert positive["weights"]["pirate"] > 0.99
     assert positive["explained_fraction"] > 0.999
     assert positive["fit"]["converged"] and positive["per_position"]["fit"]["converged"]
-    negative = explain.run(bundled, ExplainSpec(
-        name="neg",
-        target={"system": "You are a Linux terminal. You reply only with shell commands, never prose.",
-                "few_shot": [{"role": "user", "content": "How are you?"},
-                             {"role": "assistant", "content": "$ uptime\n 10:02:11 up 3 days, load average: 0.1"}]},
-        **common,
-    ))
+    negative = explain.run(
+        bundled,
+        ExplainSpec(
+            name="neg",
+            target={
+                "system": "You are a Linux terminal. You reply only with shell commands, never prose.",
+                "few_shot": [
+                    {"role": "user", "content": "How are you?"},
+                    {"role": "assistant", "content": "$ uptime\n 10:02:11 up 3 days, load average: 0.1"},
+                ],
+            },
+            **common,
+        ),
+    )
     assert negative["explained_fraction"] < 0.8
     assert negative["explained_fraction_ci95"][1] < positive["explained_fraction_ci95"][0]
     assert negative["kl_mixture_per_position"] > 100 * positive["kl_mixture_per_position"]
     noisy = explain.run(bundled, ExplainSpec(name="noise", target={"mask": "pirate", "noise": 2.0}, **common))
     assert noisy["explained_fraction"] < positive["explained_fraction"] - 0.05
     # the reply-level 50/50 mixture: the headline fit explains it, the per-position view clearly less
-    mix = explain.run(bundled, ExplainSpec(name="mix", target={"mixture": {"pirate": 0.5, "child": 0.5}},
-                                           samples_per_prompt=3, **common))
+    mix = explain.run(
+        bundled,
+        ExplainSpec(
+            name="mix", target={"mixture": {"pirate": 0.5, "child": 0.5}}, samples_per_prompt=3, **common
+        ),
+    )
     assert mix["explained_fraction"] > 0.98
     assert mix["per_position"]["explained_fraction"] < mix["explained_fraction"] - 0.05
     assert mix["weights"]["pirate"] + mix["weights"]["child"] > 0.98
@@ -241,8 +283,15 @@ def test_target_model_is_loaded_by_the_runner(tiny, tiny_dir, tmp_path):
     from maskscope.experiments import EXPERIMENTS, explain
     from maskscope.runner import run
 
-    spec = ExplainSpec(name="other-model", masks=TINY_LIBRARY, target={"model": f"hf:{tiny_dir}", "mask": "b"},
-                       prompts=PROMPTS[:2], max_new_tokens=6, bootstrap=5, top_k=16)
+    spec = ExplainSpec(
+        name="other-model",
+        masks=TINY_LIBRARY,
+        target={"model": f"hf:{tiny_dir}", "mask": "b"},
+        prompts=PROMPTS[:2],
+        max_new_tokens=6,
+        bootstrap=5,
+        top_k=16,
+    )
     assert spec.extra_models() == {"target": f"hf:{tiny_dir}"}
     out = run(EXPERIMENTS["explain"], spec, out_root=tmp_path, model=tiny)
     summary = json.loads((out / "summary.json").read_text())

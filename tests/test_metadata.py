@@ -29,10 +29,14 @@ def test_summary_records_template_prompts_versions_and_precision(tiny, tmp_path)
     md = json.loads((out / "summary.json").read_text())["metadata"]
     template = tiny.tokenizer.chat_template
     assert md["chat_template"]["sha256"] == hashlib.sha256(template.encode()).hexdigest()
-    assert "SYSTEM" in md["chat_template"]["probe_rendered"] and "USER" in md["chat_template"]["probe_rendered"]
+    assert (
+        "SYSTEM" in md["chat_template"]["probe_rendered"] and "USER" in md["chat_template"]["probe_rendered"]
+    )
     # the rendered prompts are the two masks' contexts of the one assistant turn
-    contexts = [Mask(name=m["name"], system=m["system"]).conversation([Turn(role="user", content="Hi")])
-                for m in SPEC["masks"]]
+    contexts = [
+        Mask(name=m["name"], system=m["system"]).conversation([Turn(role="user", content="Hi")])
+        for m in SPEC["masks"]
+    ]
     prompts = sorted({tiny.render(c) for c in contexts})
     assert md["rendered_prompts"]["count"] == 2
     assert md["rendered_prompts"]["sha256"] == hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
@@ -58,6 +62,16 @@ def test_bf16_numbers_are_marked_approximate(tiny_dir, tmp_path):
     assert summary["metadata"]["numbers"].startswith("approximate")
     assert "approximate" in (out / "report.html").read_text()
     assert exactness("fp32").startswith("exact")
-    served = collect(type("Served", (), {"fingerprint": lambda self: {"backend": "openai"}, "tokenizer": None,
-                                         "render": lambda self, c: "x"})(), spec)
+    served = collect(
+        type(
+            "Served",
+            (),
+            {
+                "fingerprint": lambda self: {"backend": "openai"},
+                "tokenizer": None,
+                "render": lambda self, c: "x",
+            },
+        )(),
+        spec,
+    )
     assert served["approximate"] and "server" in served["numbers"]

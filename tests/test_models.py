@@ -135,7 +135,9 @@ def test_top_p_keeps_only_the_nucleus(tiny):
     ctx = CONTEXTS[0]
     lp = plain_logprobs(tiny, tiny.encode_prompt(ctx))[-1]
     probs, order = torch.sort(lp.exp(), descending=True)
-    nucleus = {int(t) for t, before in zip(order, torch.cumsum(probs, 0) - probs, strict=True) if before < 0.3}
+    nucleus = {
+        int(t) for t, before in zip(order, torch.cumsum(probs, 0) - probs, strict=True) if before < 0.3
+    }
     firsts = {s.token_ids[0] for s in tiny.sample(ctx, n=40, max_new_tokens=1, top_p=0.3, seed=0)}
     assert firsts <= nucleus
 

@@ -249,9 +249,13 @@ def test_finetune_spec_paths_are_relative_to_the_spec_file(tmp_path, monkeypatch
     assert parsed.data["build"] == "arithmetic" and parsed.out == str(tmp_path / "abs")
 
 
-def test_finetune_seed_option_trains_a_replicate_beside_the_spec_child(tmp_path, monkeypatch, capsys, tiny_dir):
+def test_finetune_seed_option_trains_a_replicate_beside_the_spec_child(
+    tmp_path, monkeypatch, capsys, tiny_dir
+):
     data = tmp_path / "d.jsonl"
-    row = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}\n'
+    row = (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}\n'
+    )
     data.write_text(row * 4)
     spec = tmp_path / "s.yaml"
     spec.write_text(f"name: kid\nparent: hf:{tiny_dir}\ndata: d.jsonl\nout: kid\nsteps: 1\nbatch_size: 2\n")

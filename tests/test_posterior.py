@@ -49,11 +49,17 @@ def test_switching_model_equals_enumeration_of_all_paths():
 
 
 def test_mask_conversation_places_conditioning():
-    mask = Mask(name="m", preamble="Pretend.", few_shot=[Turn(role="user", content="a"),
-                                                          Turn(role="assistant", content="b")])
+    mask = Mask(
+        name="m",
+        preamble="Pretend.",
+        few_shot=[Turn(role="user", content="a"), Turn(role="assistant", content="b")],
+    )
     conv = mask.conversation([Turn(role="user", content="q")])
-    assert [(m.role, m.content) for m in conv.messages] == [("user", "Pretend.\n\na"), ("assistant", "b"),
-                                                            ("user", "q")]
+    assert [(m.role, m.content) for m in conv.messages] == [
+        ("user", "Pretend.\n\na"),
+        ("assistant", "b"),
+        ("user", "q"),
+    ]
     with pytest.raises(ValueError, match="alternate"):
         Mask(name="x", few_shot=[Turn(role="user", content="a"), Turn(role="user", content="b")])
 
@@ -71,11 +77,14 @@ def test_library_loads_and_bad_libraries_are_one_line(tmp_path):
 
 
 def test_static_posterior_is_bayes_on_the_text_level_scores(tiny):
-    lib = MaskLibrary(masks=[Mask(name="a", system="You are A."), Mask(name="b", system="You are B.", prior=3)])
+    lib = MaskLibrary(
+        masks=[Mask(name="a", system="You are A."), Mask(name="b", system="You are B.", prior=3)]
+    )
     reply = "Hello there, friend."
     result = mask_posterior(tiny, lib, reply, user="Hi")
-    totals = np.array([tiny.score(m.conversation([Turn(role="user", content="Hi")]), [reply])[0].total
-                       for m in lib.masks])
+    totals = np.array(
+        [tiny.score(m.conversation([Turn(role="user", content="Hi")]), [reply])[0].total for m in lib.masks]
+    )
     expected = np.log([0.25, 0.75]) + totals
     np.testing.assert_allclose(result.static[-1], expected - logsumexp(expected), atol=1e-4)
     assert result.loglik.shape == (len(result.tokens), 2)
@@ -114,10 +123,13 @@ def test_negative_control_reads_each_sampled_reply_back(tiny):
     from maskscope.experiments.posterior import run as run_posterior
 
     masks = [{"name": "a", "system": "You are A."}, {"name": "b", "system": "You are B, a pirate."}]
-    spec = PosteriorSpec(name="nc", masks=masks, transcript=[{"role": "user", "content": "Hi"},
-                                                               {"role": "assistant", "content": "Hello."}],
-                         switch_rate=0.2,
-                         negative_control={"mask": "b", "user": "Hi", "samples": 4, "max_new_tokens": 12})
+    spec = PosteriorSpec(
+        name="nc",
+        masks=masks,
+        transcript=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+        switch_rate=0.2,
+        negative_control={"mask": "b", "user": "Hi", "samples": 4, "max_new_tokens": 12},
+    )
     summary = run_posterior(tiny, spec)
     control = summary["negative_control"]
     lib = spec.mask_library()
@@ -131,5 +143,9 @@ def test_negative_control_reads_each_sampled_reply_back(tiny):
     lo, hi = control["with_switch"]["ci95"]
     assert 0 <= lo < hi <= 1 and "Wilson" in control["with_switch"]["method"]
     with pytest.raises(ms.UserError, match="no mask named"):
-        run_posterior(tiny, spec.model_copy(update={"negative_control": spec.negative_control.model_copy(
-            update={"mask": "zzz"})}))
+        run_posterior(
+            tiny,
+            spec.model_copy(
+                update={"negative_control": spec.negative_control.model_copy(update={"mask": "zzz"})}
+            ),
+        )

@@ -125,7 +125,13 @@ def test_capabilities_run_writes_summary_plots_and_escaped_report(cap_run):
         assert (out / task["plot"]).is_file()
         for name in ("plain", "same-as-control", "pirate"):
             row = task["by_mask"][name]
-            for key in ("p_correct", "accuracy", "p_correct_minus_control", "below_blind_rules", "against_control"):
+            for key in (
+                "p_correct",
+                "accuracy",
+                "p_correct_minus_control",
+                "below_blind_rules",
+                "against_control",
+            ):
                 assert key in row["exact"]
             assert row["exact"]["accuracy"]["n"] == 3
             assert row["sampled"]["accuracy"]["n"] == 3  # one greedy reply per problem
@@ -175,7 +181,10 @@ def test_capabilities_paired_difference_controls(cap_run):
     for task in summary["tasks"]:
         same = task["by_mask"]["same-as-control"]
         assert same["exact"]["p_correct_minus_control"]["mean"] == 0.0
-        assert same["exact"]["p_correct_minus_control"]["ci95"] == [0.0, 0.0]  # identical numbers, not sampled
+        assert same["exact"]["p_correct_minus_control"]["ci95"] == [
+            0.0,
+            0.0,
+        ]  # identical numbers, not sampled
         assert same["exact"]["p_correct_minus_control"]["p_value"] == 1.0
         assert same["exact"]["against_control"]["mcnemar_less"]["p_value"] == 1.0
         assert not same["exact"]["against_control"]["wrong_where_control_right"]
@@ -205,7 +214,10 @@ def test_capabilities_rerun_is_served_from_the_store(cap_run, tiny):
         before = store.count()
     run_spec(_write(root, summary["spec"]), out_root=root / "runs", model=tiny)
     again = json.loads((out / "summary.json").read_text())
-    assert again["run"]["misses"] == 0 and again["run"]["hits"] == summary["run"]["hits"] + summary["run"]["misses"]
+    assert (
+        again["run"]["misses"] == 0
+        and again["run"]["hits"] == summary["run"]["hits"] + summary["run"]["misses"]
+    )
     assert again["tasks"] == summary["tasks"]
     with Store(root / "runs" / "maskscope.sqlite") as store:
         assert store.count() == before
@@ -226,14 +238,17 @@ def test_below_blind_rules_is_an_exact_test_against_the_rarest_answer():
     assert shares is not None and set(shares) == {"True", "False"}
     assert shares["True"] == sum(p.answer == "True" for p in problems) / 24 == 8 / 24
     always_true = below_blind_rules([p.answer == "True" for p in problems], shares)
-    assert always_true["p_value"] == pytest.approx(binom.cdf(8, 24, 8 / 24)) and not always_true["significant"]
+    assert (
+        always_true["p_value"] == pytest.approx(binom.cdf(8, 24, 8 / 24)) and not always_true["significant"]
+    )
     assert not below_blind_rules([p.answer == "False" for p in problems], shares)["significant"]
     wrong = below_blind_rules([False] * 24, shares)
     assert wrong["significant"] and wrong["p_value"] == pytest.approx((2 / 3) ** 24)
     assert not below_blind_rules([False] * 2, shares)["significant"]  # too few to tell
     # one-sided at 5%: 10 of 30 on a balanced set is below the floor of 1/2 (p = 0.049)
-    assert below_blind_rules([True] * 10 + [False] * 20, {"True": 0.5, "False": 0.5})["p_value"] == pytest.approx(
-        binom.cdf(10, 30, 0.5))
+    assert below_blind_rules([True] * 10 + [False] * 20, {"True": 0.5, "False": 0.5})[
+        "p_value"
+    ] == pytest.approx(binom.cdf(10, 30, 0.5))
     assert below_blind_rules([False] * 30, None) is None
 
 
@@ -417,8 +432,10 @@ def test_prefill_wrong_minus_right_is_paired(pre_run, tiny):
     assert summary["control"] == "right" and set(summary["minus_control"]) == {"wrong", "markup"}
     per = {}
     for name in ("wrong", "right"):
-        per[name] = [sum(s.prob for s in tiny.score(ctx, [" Wait", " Sorry", "\n\nActually"]))
-                     for ctx in _contexts(summary, name)]
+        per[name] = [
+            sum(s.prob for s in tiny.score(ctx, [" Wait", " Sorry", "\n\nActually"]))
+            for ctx in _contexts(summary, name)
+        ]
     diffs = np.subtract(per["wrong"], per["right"])
     paired = summary["minus_control"]["wrong"]["p_marker"]
     assert paired["mean"] == pytest.approx(diffs.mean(), rel=1e-5, abs=1e-12)

@@ -191,6 +191,7 @@ def test_a_run_exported_as_an_inspect_log_reads_back(kept, tmp_path):
         pytest.skip("inspect_ai is an optional extra (maskscope[inspect])")
     # installed (make test installs it): an import error is a broken install, which must fail, not skip
     import inspect_ai.log as inspect_log
+
     root, out = kept
     r = ms.read_run(out)
     target = tmp_path / "logs" / "kept.eval"

@@ -108,14 +108,20 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     clean = tmp_path / "clean"
-    subprocess.run(_maskscope("run", str(spec), "--out", str(clean)), check=True, env=env, capture_output=True)
+    subprocess.run(
+        _maskscope("run", str(spec), "--out", str(clean)), check=True, env=env, capture_output=True
+    )
     reference = _stored(clean / "maskscope.sqlite")
     assert len(reference) == total
 
     killed = tmp_path / "killed"
     db = killed / "maskscope.sqlite"
-    proc = subprocess.Popen(_maskscope("run", str(spec), "--out", str(killed)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _maskscope("run", str(spec), "--out", str(killed)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     at_kill = 0
     while time.time() < deadline and proc.poll() is None:
@@ -133,7 +139,9 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_
     partial = _stored(db)
     assert 0 < len(partial) < total
 
-    subprocess.run(_maskscope("run", str(spec), "--out", str(killed)), check=True, env=env, capture_output=True)
+    subprocess.run(
+        _maskscope("run", str(spec), "--out", str(killed)), check=True, env=env, capture_output=True
+    )
     resumed = _stored(db)
     assert resumed.keys() == reference.keys()
     con = sqlite3.connect(db)
@@ -159,15 +167,20 @@ def test_cache_commands_show_the_parts_that_differ(tiny, tmp_path):
         store.start_run("second", {})
         model.sample(CTX, n=1, max_new_tokens=4, seed=1, temperature=0.5)
         store.finish_run("second")
-        (key, _, served), = store.lookups("second")
+        ((key, _, served),) = store.lookups("second")
     assert not served
-    runs = subprocess.run(_maskscope("cache", "runs", "second", "--store", str(db)), capture_output=True, text=True)
+    runs = subprocess.run(
+        _maskscope("cache", "runs", "second", "--store", str(db)), capture_output=True, text=True
+    )
     assert runs.returncode == 0 and "0 calls served from the store, 1 computed" in runs.stdout
     assert key[:16] in runs.stdout
-    why = subprocess.run(_maskscope("cache", "why", key[:10], "--store", str(db)), capture_output=True, text=True)
+    why = subprocess.run(
+        _maskscope("cache", "why", key[:10], "--store", str(db)), capture_output=True, text=True
+    )
     assert why.returncode == 0, why.stderr
     assert "args.temperature" in why.stdout and "0.5" in why.stdout
     assert "args.seed" not in why.stdout.split("It was computed")[1]
-    missing = subprocess.run(_maskscope("cache", "why", "ffffffff", "--store", str(db)), capture_output=True,
-                             text=True)
+    missing = subprocess.run(
+        _maskscope("cache", "why", "ffffffff", "--store", str(db)), capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "0 calls match" in missing.stderr

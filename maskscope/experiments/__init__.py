@@ -80,12 +80,36 @@ EXPERIMENTS: dict[str, Experiment] = {
     "cot": Experiment("maskscope.experiments.cot", "CotSpec", _cot_plots),
     "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
     "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
-    "latent": Experiment("maskscope.experiments.latent", "LatentSpec", lambda s, o: importlib.import_module("maskscope.report.latent_plots").latent_plots(s, o)),  # noqa: E501
-    "reward": Experiment("maskscope.experiments.reward", "RewardSpec", lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o)),  # noqa: E501
-    "misalignment": Experiment("maskscope.experiments.misalignment", "MisalignmentSpec", lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o)),  # noqa: E501
-    "diff": Experiment("maskscope.experiments.diff", "DiffSpec", lambda s, o: importlib.import_module("maskscope.experiments.diff").plots(s, o)),  # noqa: E501
-    "directions": Experiment("maskscope.experiments.directions", "DirectionsSpec", lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o)),  # noqa: E501
-    "drift": Experiment("maskscope.experiments.drift", "DriftSpec", lambda s, o: importlib.import_module("maskscope.experiments.drift").plots(s, o)),  # noqa: E501
+    "latent": Experiment(
+        "maskscope.experiments.latent",
+        "LatentSpec",
+        lambda s, o: importlib.import_module("maskscope.report.latent_plots").latent_plots(s, o),
+    ),  # noqa: E501
+    "reward": Experiment(
+        "maskscope.experiments.reward",
+        "RewardSpec",
+        lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o),
+    ),  # noqa: E501
+    "misalignment": Experiment(
+        "maskscope.experiments.misalignment",
+        "MisalignmentSpec",
+        lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o),
+    ),  # noqa: E501
+    "diff": Experiment(
+        "maskscope.experiments.diff",
+        "DiffSpec",
+        lambda s, o: importlib.import_module("maskscope.experiments.diff").plots(s, o),
+    ),  # noqa: E501
+    "directions": Experiment(
+        "maskscope.experiments.directions",
+        "DirectionsSpec",
+        lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o),
+    ),  # noqa: E501
+    "drift": Experiment(
+        "maskscope.experiments.drift",
+        "DriftSpec",
+        lambda s, o: importlib.import_module("maskscope.experiments.drift").plots(s, o),
+    ),  # noqa: E501
 }
 
 __all__ = ["EXPERIMENTS", "Experiment"]

@@ -114,7 +114,9 @@ def apply_adapter(parent: Any, directory: str | Path, *, precision: str = "fp32"
     with torch.no_grad(), warnings.catch_warnings():
         # peft calls a transformers method that transformers deprecated; the call is peft's, not ours.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(base, str(directory), is_trainable=False, local_files_only=True)
+        peft_model = PeftModel.from_pretrained(
+            base, str(directory), is_trainable=False, local_files_only=True
+        )
         merged = peft_model.merge_and_unload()
     fingerprint_adapter = (
         digest

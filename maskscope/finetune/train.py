@@ -46,7 +46,12 @@ class FinetuneSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     # Relative paths in a spec file are resolved against the file's directory, as in run specs.
-    path_fields: ClassVar[dict[str, str]] = {"parent": "model", "data": "file", "heldout": "file", "out": "file"}
+    path_fields: ClassVar[dict[str, str]] = {
+        "parent": "model",
+        "data": "file",
+        "heldout": "file",
+        "out": "file",
+    }
 
     name: str | None = Field(None, description="A name for the child (default: the out directory's name).")
     parent: str = Field("default", description='The parent model: "default", "hf:DIR", "gguf:FILE".')
