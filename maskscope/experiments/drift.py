@@ -104,7 +104,7 @@ class DriftSpec(RunSpec):
     """Drift of fine-tuned children along persona directions, against the behaviour change."""
 
     experiment: Literal["drift"] = "drift"
-    path_fields: ClassVar[dict[str, str]] = {**RunSpec.path_fields, "directions": "file"}
+    path_fields: ClassVar[dict[str, str]] = {**RunSpec.path_fields, "directions": "file_map"}
     directions: dict[str, str] = Field(
         min_length=1, description="Direction name -> vector file (.safetensors written by `directions`)."
     )

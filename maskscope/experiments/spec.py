@@ -67,8 +67,9 @@ class RunSpec(BaseModel):
     """A run: its name (results go to runs/<name>/), the model, and the precision of forward passes."""
 
     model_config = ConfigDict(extra="forbid")
-    # Fields holding a path ("file") or a model name ("model"); relative ones are resolved against the spec
-    # file's directory (resolve_paths). A subclass or a nested model adds its own.
+    # Fields holding a path ("file"), a mapping of names to paths ("file_map") or a model name ("model");
+    # relative ones are resolved against the spec file's directory (resolve_paths). A subclass or a nested
+    # model adds its own.
     path_fields: ClassVar[dict[str, str]] = {"model": "model"}
     name: str = Field(
         description="Run name, a label: results go to runs/<name>-<hash of the parameters>/ (runs/<name> links "
@@ -209,10 +210,10 @@ def resolve_paths(
             setattr(spec, name, _resolved(kinds[name], value, base))
         elif isinstance(value, BaseModel):
             resolve_paths(value, base, keep, loc)
-        elif isinstance(value, dict) and name in kinds:  # names -> paths or model names
+        elif isinstance(value, dict) and kinds.get(name) == "file_map":  # names -> paths
             for key, item in value.items():
                 if isinstance(item, str) and item:
-                    value[key] = _resolved(kinds[name], item, base)
+                    value[key] = _resolved("file", item, base)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
