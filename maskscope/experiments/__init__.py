@@ -29,17 +29,6 @@ class Experiment:
         return importlib.import_module(self.module).run
 
 
-def _no_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
-    """For experiments whose report is tables only."""
-    return []
-
-
-def _character_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
-    from maskscope.report.plots import character_plots
-
-    return character_plots(summary, out_dir)
-
-
 def _posterior_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     from pathlib import Path
 
@@ -49,67 +38,48 @@ def _posterior_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     return [posterior.write_csv(summary, Path(out_dir) / "posterior.csv"), *posterior_plots(summary, out_dir)]
 
 
-def _explain_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
-    from maskscope.report.plots import explain_plots
+def _lazy(module: str, name: str = "plots") -> Any:
+    """A plot function that imports `module` (and so matplotlib) only when a run writes its plots."""
 
-    return explain_plots(summary, out_dir)
+    def plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+        return getattr(importlib.import_module(module), name)(summary, out_dir)
 
-
-def _capabilities_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
-    from maskscope.report.reasoning_plots import capabilities_plots
-
-    return capabilities_plots(summary, out_dir)
-
-
-def _prefill_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
-    from maskscope.report.reasoning_plots import prefill_plots
-
-    return prefill_plots(summary, out_dir)
-
-
-def _cot_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
-    from maskscope.report.reasoning_plots import cot_plots
-
-    return cot_plots(summary, out_dir)
+    return plots
 
 
 EXPERIMENTS: dict[str, Experiment] = {
-    "character": Experiment("maskscope.experiments.character", "CharacterSpec", _character_plots),
+    "character": Experiment(
+        "maskscope.experiments.character", "CharacterSpec", _lazy("maskscope.report.plots", "character_plots")
+    ),
     "posterior": Experiment("maskscope.experiments.posterior", "PosteriorSpec", _posterior_plots),
-    "explain": Experiment("maskscope.experiments.explain", "ExplainSpec", _explain_plots),
-    "cot": Experiment("maskscope.experiments.cot", "CotSpec", _cot_plots),
-    "capabilities": Experiment("maskscope.experiments.capabilities", "CapabilitiesSpec", _capabilities_plots),
-    "prefill": Experiment("maskscope.experiments.prefill", "PrefillSpec", _prefill_plots),
+    "explain": Experiment(
+        "maskscope.experiments.explain", "ExplainSpec", _lazy("maskscope.report.plots", "explain_plots")
+    ),
+    "cot": Experiment(
+        "maskscope.experiments.cot", "CotSpec", _lazy("maskscope.report.reasoning_plots", "cot_plots")
+    ),
+    "capabilities": Experiment(
+        "maskscope.experiments.capabilities",
+        "CapabilitiesSpec",
+        _lazy("maskscope.report.reasoning_plots", "capabilities_plots"),
+    ),
+    "prefill": Experiment(
+        "maskscope.experiments.prefill",
+        "PrefillSpec",
+        _lazy("maskscope.report.reasoning_plots", "prefill_plots"),
+    ),
     "latent": Experiment(
-        "maskscope.experiments.latent",
-        "LatentSpec",
-        lambda s, o: importlib.import_module("maskscope.report.latent_plots").latent_plots(s, o),
-    ),  # noqa: E501
-    "reward": Experiment(
-        "maskscope.experiments.reward",
-        "RewardSpec",
-        lambda s, o: importlib.import_module("maskscope.experiments.reward").plots(s, o),
-    ),  # noqa: E501
+        "maskscope.experiments.latent", "LatentSpec", _lazy("maskscope.report.latent_plots", "latent_plots")
+    ),
+    "reward": Experiment("maskscope.experiments.reward", "RewardSpec", _lazy("maskscope.experiments.reward")),
     "misalignment": Experiment(
-        "maskscope.experiments.misalignment",
-        "MisalignmentSpec",
-        lambda s, o: importlib.import_module("maskscope.experiments.misalignment").plots(s, o),
-    ),  # noqa: E501
-    "diff": Experiment(
-        "maskscope.experiments.diff",
-        "DiffSpec",
-        lambda s, o: importlib.import_module("maskscope.experiments.diff").plots(s, o),
-    ),  # noqa: E501
+        "maskscope.experiments.misalignment", "MisalignmentSpec", _lazy("maskscope.experiments.misalignment")
+    ),
+    "diff": Experiment("maskscope.experiments.diff", "DiffSpec", _lazy("maskscope.experiments.diff")),
     "directions": Experiment(
-        "maskscope.experiments.directions",
-        "DirectionsSpec",
-        lambda s, o: importlib.import_module("maskscope.experiments.directions").plots(s, o),
-    ),  # noqa: E501
-    "drift": Experiment(
-        "maskscope.experiments.drift",
-        "DriftSpec",
-        lambda s, o: importlib.import_module("maskscope.experiments.drift").plots(s, o),
-    ),  # noqa: E501
+        "maskscope.experiments.directions", "DirectionsSpec", _lazy("maskscope.experiments.directions")
+    ),
+    "drift": Experiment("maskscope.experiments.drift", "DriftSpec", _lazy("maskscope.experiments.drift")),
 }
 
 __all__ = ["EXPERIMENTS", "Experiment"]
