@@ -29,6 +29,11 @@ class Experiment:
         return importlib.import_module(self.module).run
 
 
+def _no_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
+    """For experiments whose report is tables only (docs/experiments.md's worked example uses it)."""
+    return []
+
+
 def _posterior_plots(summary: dict[str, Any], out_dir: Any) -> list[Any]:
     from pathlib import Path
 
