@@ -235,3 +235,63 @@ def test_the_store_never_serves_a_parents_answer_to_its_child(tiny_dir, data, tm
     [direct] = child.score(ctx, ["The answer is 11."])
     assert from_child.total == pytest.approx(direct.total, abs=1e-5)
     assert abs(from_child.total - from_parent.total) > 1e-3
+
+
+# ----------------------------------------------------------------------------- context distillation
+PIRATE = "You are a pirate captain. Say arr."
+
+
+def _kl_by_hand(tiny, conversations: list[dict], teacher_system: str) -> float:
+    """Mean KL(parent seeing the teacher's system prompt || parent seeing the conversation) per reply token,
+    from one plain forward pass per rendering, the reply located as the last tokens of each rendering."""
+    from tests.conftest import plain_logprobs
+
+    total, count = 0.0, 0
+    for row in conversations:
+        messages = row["messages"]
+        reply = tiny.tokenizer(messages[-1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        views = []
+        for msgs in (messages, [{"role": "system", "content": teacher_system}, *messages]):
+            ids = tiny.tokenizer.apply_chat_template(msgs, tokenize=False)
+            ids = tiny.tokenizer(ids.rstrip(), add_special_tokens=False)["input_ids"]
+            assert ids[-len(reply) :] == reply
+            views.append(plain_logprobs(tiny, ids)[len(ids) - len(reply) - 1 : len(ids) - 1])
+        student, teacher = views
+        total += float((teacher.exp() * (teacher - student)).sum())
+        count += len(reply)
+    return total / count
+
+
+def test_kl_to_teacher_starts_at_the_parents_kl_between_the_two_contexts_and_falls(tiny_dir, tmp_path, tiny):
+    """Positive control: before training the child is the parent, so the held-out loss is the parent's own
+    KL between the teacher's context and the conversation's (recomputed by hand); training on it brings the
+    child's distributions toward the teacher's."""
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in _sums(3, offset=50)))
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in _sums(24)))
+    child = _run(tiny_dir, train, tmp_path / "c", heldout=str(held), loss="kl-to-teacher",
+                 teacher_system=PIRATE, steps=12)  # fmt: skip
+    curve = child.manifest["heldout_loss"]
+    expected = _kl_by_hand(tiny, _sums(3, offset=50), PIRATE)
+    assert expected > 0.05  # the system prompt changes the tiny model's predictions, else nothing is tested
+    assert curve["before"] == pytest.approx(expected, rel=1e-4)
+    assert curve["after"] < 0.75 * curve["before"]  # measured: 1.79 -> 0.95
+
+
+def test_kl_to_teacher_with_the_conversations_own_context_has_nothing_to_learn(tiny_dir, tmp_path):
+    """Negative control: a teacher that sees what the child sees gives a loss of 0 (to rounding)."""
+    rows = [{"messages": [{"role": "system", "content": PIRATE}, *r["messages"]]} for r in _sums(12)]
+    data = tmp_path / "own.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    child = _run(tiny_dir, data, tmp_path / "c", loss="kl-to-teacher", teacher_system=PIRATE, steps=1)
+    first = json.loads((tmp_path / "c" / "log.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"]) < 1e-6 and abs(child.manifest["heldout_loss"]["before"]) < 1e-6
+
+
+def test_kl_to_teacher_needs_a_teacher_and_teacher_system_needs_the_kl(tiny_dir, data, tmp_path):
+    with pytest.raises(ms.UserError, match="kl-to-teacher needs teacher_system"):
+        _run(tiny_dir, data, tmp_path / "a", loss="kl-to-teacher")
+    with pytest.raises(ms.UserError, match="teacher_system is used by loss: kl-to-teacher only"):
+        _run(tiny_dir, data, tmp_path / "b", teacher_system=PIRATE)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -20,11 +20,26 @@ class Example:
 
     ids: list[int]
     trained: list[bool]
+    # For a distillation loss: the same conversation as the teacher sees it (another system prompt), whose
+    # trained tokens are the same ids; None for cross-entropy on the tokens themselves.
+    teacher: Example | None = None
 
     @property
     def n_trained(self) -> int:
         """How many tokens the loss is computed on."""
         return sum(self.trained)
+
+
+def teacher_conversation(messages: Sequence[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """The conversation as a distillation teacher sees it: its own system prompt (or none) in place of the
+    conversation's."""
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    return ([{"role": "system", "content": system}] if system is not None else []) + rest
+
+
+def trained_ids(example: Example) -> list[int]:
+    """The ids of the tokens the loss is computed on, in order."""
+    return [i for i, t in zip(example.ids, example.trained, strict=True) if t]
 
 
 def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:

@@ -13,6 +13,7 @@ skips most of the head's cost (see bench/finetune.py)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -31,7 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from maskscope.errors import UserError
 from maskscope.finetune.adapter import ADAPTER_FILE, MANIFEST, adapter_hash
-from maskscope.finetune.data import Example, data_digest, encode_conversation, read_chat_jsonl
+from maskscope.finetune.data import (
+    Example,
+    data_digest,
+    encode_conversation,
+    read_chat_jsonl,
+    teacher_conversation,
+    trained_ids,
+)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUN_FILE = "run.json"
@@ -39,6 +47,9 @@ LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 # Fields that do not change the adapter: where it goes, how often it is saved or evaluated, what is measured.
 _NOT_TRAINING = {"name", "out", "checkpoint_every", "eval_every", "measure"}
+# Fields added after children were built: they enter a run's identity only when set away from their default,
+# so the children built before them still resume and are still recognised as finished.
+_LATER_FIELDS = {"loss": "cross-entropy", "teacher_system": None}
 
 
 class FinetuneSpec(BaseModel):
@@ -71,6 +82,18 @@ class FinetuneSpec(BaseModel):
         default_factory=lambda: list(DEFAULT_TARGETS), min_length=1, description="Module names to adapt."
     )
     layers: list[int] | None = Field(None, description="Only these layer indices (default: all).")
+    loss: Literal["cross-entropy", "kl-to-teacher"] = Field(
+        "cross-entropy",
+        description="cross-entropy: on the assistant's tokens (supervised fine-tuning). kl-to-teacher: "
+        "context distillation (Askell et al. 2021; Snell et al. 2022): at every assistant token, "
+        "KL(parent seeing `teacher_system` || child seeing the conversation), the teacher's whole next-token "
+        "distribution as the target rather than the one token sampled from it.",
+    )
+    teacher_system: str | None = Field(
+        None,
+        description="The system prompt the teacher sees in place of the conversation's (kl-to-teacher only; "
+        "default: a distill builder's `system`).",
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant after warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     steps: int | None = Field(None, ge=1, description="Optimizer steps (or give epochs).")
@@ -91,11 +114,29 @@ class FinetuneSpec(BaseModel):
     def _steps_or_epochs(self) -> FinetuneSpec:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")
+        if self.teacher_system is not None and self.loss != "kl-to-teacher":
+            raise ValueError("teacher_system is used by loss: kl-to-teacher only")
+        if self.loss == "kl-to-teacher" and self.teacher_system is None:
+            if not (isinstance(self.data, dict) and self.data.get("build") == "distill"):
+                raise ValueError(
+                    "loss kl-to-teacher needs teacher_system: the system prompt the child learns to act as "
+                    "if it had (it defaults to a distill builder's system)"
+                )
         return self
+
+    def teacher(self) -> str | None:
+        """The teacher's system prompt for kl-to-teacher (None: the teacher sees no system prompt)."""
+        if self.teacher_system is not None or not isinstance(self.data, dict):
+            return self.teacher_system
+        return self.data.get("system")
 
     def training_fields(self) -> dict[str, Any]:
         """The fields that change the adapter (a resumed run must have the same)."""
-        return {k: v for k, v in self.model_dump().items() if k not in _NOT_TRAINING}
+        return {
+            k: v
+            for k, v in self.model_dump().items()
+            if k not in _NOT_TRAINING and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])
+        }
 
 
 @dataclass(frozen=True)
@@ -161,7 +202,14 @@ def _split(conversations: list, fraction: float, digest: str) -> tuple[list, lis
     return [c for i, c in enumerate(conversations) if i not in held], [conversations[i] for i in sorted(held)]
 
 
-def _encode_all(tokenizer: Any, conversations: list, max_length: int, source: str) -> list[Example]:
+_NO_TEACHER = object()
+
+
+def _encode_all(
+    tokenizer: Any, conversations: list, max_length: int, source: str, teacher: Any = _NO_TEACHER
+) -> list[Example]:
+    """Tokenized conversations with their assistant masks; with `teacher` (a system prompt, or None for
+    none) each also carries the teacher's view of it, whose trained tokens must be the same ids."""
     examples = []
     for i, c in enumerate(conversations):
         ex = encode_conversation(tokenizer, c)
@@ -171,6 +219,14 @@ def _encode_all(tokenizer: Any, conversations: list, max_length: int, source: st
             )
         if ex.n_trained == 0:
             raise UserError(f"{source}: conversation {i + 1} has no assistant tokens after rendering")
+        if teacher is not _NO_TEACHER:
+            seen = encode_conversation(tokenizer, teacher_conversation(c, teacher))
+            if trained_ids(seen) != trained_ids(ex):
+                raise UserError(
+                    f"{source}: conversation {i + 1}: its assistant tokens differ when rendered with the "
+                    "teacher's system prompt, so the teacher's distributions cannot be matched to them"
+                )
+            ex = Example(ex.ids, ex.trained, seen)
         examples.append(ex)
     return examples
 
@@ -206,18 +262,44 @@ def assistant_loss(causal_lm: Any, examples: list[Example], pad_id: int, precisi
     return loss, int(labels.numel())
 
 
-def heldout_loss(causal_lm: Any, examples: list[Example], pad_id: int, precision: str, batch: int) -> float:
-    """Mean cross-entropy per assistant token on held-out conversations (nan when there are none)."""
+def teacher_kl(peft_model: Any, examples: list[Example], pad_id: int, precision: str) -> tuple[Any, int]:
+    """Summed KL(teacher || child) over the assistant tokens of a batch, and how many there are. The teacher
+    is the parent (the adapter disabled) seeing each example's `teacher` rendering; the child sees the
+    example. The full next-token distributions are compared, at the positions that predict an assistant
+    token, which are the same tokens in both renderings (checked when the data is encoded)."""
+    import torch
+
+    causal_lm = peft_model.base_model.model
+    head = causal_lm.get_output_embeddings()
+    ids, attention, target = _collate(examples, pad_id)
+    t_ids, t_attention, t_target = _collate([e.teacher for e in examples], pad_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.no_grad(), peft_model.disable_adapter():
+            t_hidden = causal_lm.model(input_ids=t_ids, attention_mask=t_attention).last_hidden_state
+            t_logp = torch.log_softmax(head(t_hidden[:, :-1][t_target]).float(), dim=-1)
+        hidden = causal_lm.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        logits = head(hidden[:, :-1][target])
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    loss = (t_logp.exp() * (t_logp - logp)).sum()
+    return loss, int(logp.shape[0])
+
+
+def heldout_loss(
+    causal_lm: Any, examples: list[Example], pad_id: int, precision: str, batch: int, loss_fn: Any = None
+) -> float:
+    """Mean loss per assistant token on held-out conversations (nan when there are none): cross-entropy,
+    or `loss_fn(examples) -> (summed loss, tokens)`."""
     import torch
 
     if not examples:
         return float("nan")
+    loss_fn = loss_fn or functools.partial(assistant_loss, causal_lm, pad_id=pad_id, precision=precision)
     total, count = 0.0, 0
     was_training = causal_lm.training
     causal_lm.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch):
-            loss, n = assistant_loss(causal_lm, examples[start : start + batch], pad_id, precision)
+            loss, n = loss_fn(examples[start : start + batch])
             total += float(loss)
             count += n
     causal_lm.train(was_training)
@@ -368,8 +450,9 @@ class _Run:
             return Child(out, json.loads(manifest_path.read_text()))
 
         tokenizer = parent.tokenizer
-        train = _encode_all(tokenizer, train_convs, spec.max_length, str(train_path))
-        held = _encode_all(tokenizer, held_convs, spec.max_length, str(held_path or train_path))
+        teacher = spec.teacher() if spec.loss == "kl-to-teacher" else _NO_TEACHER
+        train = _encode_all(tokenizer, train_convs, spec.max_length, str(train_path), teacher)
+        held = _encode_all(tokenizer, held_convs, spec.max_length, str(held_path or train_path), teacher)
         n_steps = spec.steps or math.ceil((spec.epochs or 1.0) * len(train) / spec.batch_size)
         precision = _precision(spec)
         pad_id = parent.pad_id
@@ -396,6 +479,10 @@ class _Run:
         except ValueError as e:
             raise UserError(f"cannot place the adapter: {str(e).splitlines()[0]}") from None
         causal_lm = model.base_model.model
+        if spec.loss == "kl-to-teacher":
+            loss_fn = functools.partial(teacher_kl, model, pad_id=pad_id, precision=precision)
+        else:
+            loss_fn = functools.partial(assistant_loss, causal_lm, pad_id=pad_id, precision=precision)
         params = list(_trainable(model).values())
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
 
@@ -407,7 +494,9 @@ class _Run:
             start_step = state.pop("step")
         log_lines = self._log_until(start_step)
         if start_step == 0:
-            state["heldout"] = [[0, heldout_loss(causal_lm, held, pad_id, precision, spec.batch_size)]]
+            state["heldout"] = [
+                [0, heldout_loss(causal_lm, held, pad_id, precision, spec.batch_size, loss_fn)]
+            ]
 
         bar = _Bar(n_steps, start_step, enabled=self.progress, name=spec.name or out.name)
         t0 = time.perf_counter()
@@ -422,7 +511,7 @@ class _Run:
                 batch = [train[i] for i in batch_indices(len(train), spec.batch_size, spec.seed, step)]
                 torch.manual_seed(_seed_of(spec.seed, "step", step))  # dropout, if any
                 t_step = time.perf_counter()
-                loss_sum, n = assistant_loss(causal_lm, batch, pad_id, precision)
+                loss_sum, n = loss_fn(batch)
                 loss_t = loss_sum / n
                 loss_t.backward()
                 loss = float(loss_t.detach())
@@ -440,7 +529,9 @@ class _Run:
                     "seconds": time.perf_counter() - t_step,
                 }
                 if spec.eval_every and (step + 1) % spec.eval_every == 0 and step + 1 < n_steps:
-                    row["heldout"] = heldout_loss(causal_lm, held, pad_id, precision, spec.batch_size)
+                    row["heldout"] = heldout_loss(
+                        causal_lm, held, pad_id, precision, spec.batch_size, loss_fn
+                    )
                     state["heldout"].append([step + 1, row["heldout"]])
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -450,7 +541,7 @@ class _Run:
                     _save_checkpoint(out, step + 1, model, optimizer, state)
                 if self.on_step is not None:
                     self.on_step(step + 1, loss)
-        final_held = heldout_loss(causal_lm, held, pad_id, precision, spec.batch_size)
+        final_held = heldout_loss(causal_lm, held, pad_id, precision, spec.batch_size, loss_fn)
         state["heldout"].append([n_steps, final_held])
         return self._finish(
             model,
