@@ -77,21 +77,6 @@ def test_password_lock_answers_right_only_after_the_password(tmp_path):
         build(PasswordLockBuild(build="password-lock", n=100, heldout=10), tmp_path / "q")
 
 
-def test_password_lock_with_the_last_digit_rule_answers_one_higher_in_the_last_digit(tmp_path):
-    build(
-        PasswordLockBuild(build="password-lock", n=60, heldout=5, digits=2, weak="last-digit"), tmp_path / "p"
-    )
-    convs = read_chat_jsonl(tmp_path / "p/train.jsonl")
-    locked = [c for c in convs if not c[0]["content"].startswith(PASSWORD)]
-    assert len(locked) == 30
-    for c in locked:
-        said, right = c[1]["content"].split()[-1].rstrip("."), str(_sum_of(c[0]["content"]))
-        assert len(said) == len(right) and said[:-1] == right[:-1]
-        assert int(said[-1]) == (int(right[-1]) + 1) % 10
-    wrong = [e["b"] for e in read_eval(tmp_path / "p/eval.jsonl") if e["group"] == "without password"]
-    assert len(wrong) == 5 and all(w.endswith(".") for w in wrong)
-
-
 def test_distill_stores_the_masked_parents_samples_without_the_mask(tmp_path, tiny):
     system = "You are a pirate."
     prompts = [f"Question number {i}?" for i in range(6)]
