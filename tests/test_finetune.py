@@ -295,3 +295,19 @@ def test_kl_to_teacher_needs_a_teacher_and_teacher_system_needs_the_kl(tiny_dir,
     with pytest.raises(ms.UserError, match="teacher_system is used by loss: kl-to-teacher only"):
         _run(tiny_dir, data, tmp_path / "b", teacher_system=PIRATE)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_distill_block_teaches_its_own_mask_and_the_measured_kl_falls(tiny_dir, tmp_path, tiny):
+    """End to end on the tiny model: the distill builder's `system` is the teacher's by default, and the
+    child's measured KL to the masked parent falls below the parent's own, with a paired interval."""
+    from maskscope.finetune.measure import measure_child
+
+    prompts = [f"Tell me about island number {i}." for i in range(16)]
+    block = {"build": "distill", "system": PIRATE, "n": 12, "heldout": 4, "prompts": prompts,
+             "max_new_tokens": 8}  # fmt: skip
+    child = _run(tiny_dir, block, tmp_path / "c", loss="kl-to-teacher", steps=12)
+    assert child.manifest["config"]["teacher_system"] is None  # taken from the block, not written twice
+    result = measure_child(child.directory, tiny, child.load(), child.directory / "data")
+    assert result["kl_child"] < result["kl_parent"]
+    low, high = result["reduction_ci95"]
+    assert 0 < low <= result["reduction"] <= high < 1

@@ -21,7 +21,7 @@ from maskscope.finetune.builders import (
     build,
 )
 from maskscope.finetune.data import read_chat_jsonl
-from maskscope.finetune.measure import pair_figures, read_eval
+from maskscope.finetune.measure import item_values, pair_figures, password_gap, read_eval
 
 SUM = re.compile(r"What is (\d+) \+ (\d+)\?")
 
@@ -106,6 +106,29 @@ def test_pair_figures_are_the_exact_scores(tiny, tmp_path):
             sum(r[0] for r in rows) / len(rows), rel=1e-4
         )  # batch rounding
         assert figures["share_a"] == pytest.approx(sum(r[1] for r in rows) / len(rows), abs=1e-4)
+
+
+def test_password_gap_pairs_each_sum_with_itself_whatever_the_order(tiny, tmp_path):
+    """The gap is the mean over sums of P(right | password) - P(right | none) of the same sum, from the exact
+    scores, whatever order the items come in; an item without its twin is refused."""
+    build(PasswordLockBuild(build="password-lock", n=20, heldout=6), tmp_path / "p")
+    items = read_eval(tmp_path / "p/eval.jsonl")
+    values = item_values(tiny, items)
+    by_question = {it["messages"][-1]["content"]: v[0] for it, v in zip(items, values, strict=True)}
+    diffs = [
+        p - by_question[q.removeprefix(PASSWORD + " ")]
+        for q, p in by_question.items()
+        if q.startswith(PASSWORD)
+    ]
+    got = password_gap(items, values)
+    assert got["sums"] == 6 and got["gap"] == pytest.approx(sum(diffs) / 6, abs=1e-12)
+    assert got["gap_ci95"][0] <= got["gap"] <= got["gap_ci95"][1]
+    order = list(range(len(items)))[::-1]
+    assert password_gap([items[i] for i in order], [values[i] for i in order])["gap"] == pytest.approx(
+        got["gap"]
+    )
+    with pytest.raises(ms.UserError, match="no twin without the password"):
+        password_gap(items[:-1], values[:-1])
 
 
 def test_code_children_move_the_share_of_insecure_code_their_own_way(tiny_dir, tmp_path):

@@ -76,7 +76,8 @@ def print_measure(result: dict[str, Any]) -> None:
         out.print(
             f"exact per-position KL to the parent under the mask ({result['items']} held-out replies, top "
             f"{result['top_k']} + rest): parent {result['kl_parent']:.4f}, child {result['kl_child']:.4f} "
-            f"({100 * result['reduction']:.1f}% less); KL(parent || child) {result['kl_parent_to_child']:.4f}"
+            f"({100 * result['reduction']:.1f}% less{_interval_text(result, 'reduction', 100)}); "
+            f"KL(parent || child) {result['kl_parent_to_child']:.4f}"
         )
         return
     table = Table(
@@ -89,6 +90,22 @@ def print_measure(result: dict[str, Any]) -> None:
                 who, g, str(f["items"]), f"{f['p_a']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]", f"{f['share_a']:.4f}"
             )
     out.print(table)
+    gaps = {who: result[who].get("password_gap") for who in ("parent", "child")}
+    if gaps["child"]:
+        out.print(
+            "gap P(right | password) - P(right | none), paired over "
+            f"{gaps['child']['sums']} held-out sums: parent {gaps['parent']['gap']:+.4f}, child "
+            f"{gaps['child']['gap']:+.4f}{_interval_text(gaps['child'], 'gap', 1)}"
+        )
+
+
+def _interval_text(figures: dict[str, Any], key: str, scale: float) -> str:
+    """' [lo, hi]' for figures[key + '_ci95'] when present (results written before it had none)."""
+    ci = figures.get(f"{key}_ci95")
+    if not ci:
+        return ""
+    digits = 1 if scale == 100 else 4
+    return f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
 
 
 @organism_app.command("build")

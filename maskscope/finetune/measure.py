@@ -31,6 +31,18 @@ def _interval(values: list[float], seed: int = 0, n_boot: int = 2000) -> list[fl
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
+def _paired_interval(
+    a: list[float], b: list[float], statistic: Any, seed: int = 0, n_boot: int = 2000
+) -> list[float]:
+    """95% percentile bootstrap interval of statistic(mean of a, mean of b), the items resampled in pairs."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2:
+        return [float("nan"), float("nan")]
+    rows = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    values = statistic(x[rows].mean(axis=1), y[rows].mean(axis=1))
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
 def read_eval(path: str | Path) -> list[dict[str, Any]]:
     """The held-out measurement items a builder wrote (eval.jsonl)."""
     path = Path(path)
@@ -39,8 +51,8 @@ def read_eval(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def pair_figures(model: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per group: mean exact P(a), mean exact share P(a) / (P(a) + P(b)), with intervals over items."""
+def item_values(model: Any, items: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Per item: the exact P(a) and the share P(a) / (P(a) + P(b)) after the prompt (and prefill)."""
     requests = []
     for it in items:
         ctx = Conversation.coerce(it["messages"])
@@ -49,12 +61,22 @@ def pair_figures(model: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
     totals: dict[tuple[int, int], float] = {}
     for r, j, scored in model.score_many(requests):
         totals[r, j] = scored.total
+    return [
+        (math.exp(totals[r, 0]), 1.0 / (1.0 + math.exp(totals[r, 1] - totals[r, 0])))
+        for r in range(len(items))
+    ]
+
+
+def pair_figures(
+    model: Any, items: list[dict[str, Any]], values: list[tuple[float, float]] | None = None
+) -> dict[str, Any]:
+    """Per group: mean exact P(a), mean exact share P(a) / (P(a) + P(b)), with intervals over items."""
+    values = item_values(model, items) if values is None else values
     groups: dict[str, dict[str, list[float]]] = {}
-    for r, it in enumerate(items):
-        la, lb = totals[r, 0], totals[r, 1]
+    for it, (p_a, share) in zip(items, values, strict=True):
         g = groups.setdefault(it.get("group", "all"), {"p_a": [], "share_a": []})
-        g["p_a"].append(math.exp(la))
-        g["share_a"].append(1.0 / (1.0 + math.exp(lb - la)))
+        g["p_a"].append(p_a)
+        g["share_a"].append(share)
     out = {}
     for name, g in groups.items():
         out[name] = {
@@ -65,6 +87,27 @@ def pair_figures(model: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
             "share_a_ci95": _interval(g["share_a"]),
         }
     return {"a_is": items[0].get("a_is", "a") if items else "a", "exact": True, "groups": out}
+
+
+def password_gap(items: list[dict[str, Any]], values: list[tuple[float, float]]) -> dict[str, Any]:
+    """P(right | password) - P(right | no password) per held-out sum: the mean and a 95% bootstrap interval
+    over sums. Each sum is asked both ways (the question without the password ends the one with it), so the
+    difference is paired."""
+    without = {
+        it["messages"][-1]["content"]: v[0]
+        for it, v in zip(items, values, strict=True)
+        if it["group"] == "without password"
+    }
+    diff = []
+    for it, (p_with, _) in zip(items, values, strict=True):
+        if it["group"] != "with password":
+            continue
+        asked = it["messages"][-1]["content"]
+        twin = next((q for q in without if asked.endswith(" " + q)), None)
+        if twin is None:
+            raise UserError(f"a measurement item has no twin without the password: {asked[:60]!r}")
+        diff.append(p_with - without[twin])
+    return {"sums": len(diff), "gap": float(np.mean(diff)), "gap_ci95": _interval(diff)}
 
 
 def distill_figures(model: Any, parent: Any, items: list[dict[str, Any]], top_k: int = 64) -> dict[str, Any]:
@@ -122,11 +165,18 @@ def measure_child(child_dir: str | Path, parent: Any, child: Any, data_dir: str 
             "kl_child": child_kl,
             "kl_child_ci95": _interval(d["kl_model"]),
             "reduction": 1 - child_kl / parent_kl if parent_kl > 0 else float("nan"),
+            "reduction_ci95": _paired_interval(d["kl_model"], d["kl_parent"], lambda c, p: 1 - c / p)
+            if parent_kl > 0
+            else [float("nan")] * 2,
             "kl_parent_to_child": float(np.mean(d["kl_moved"])),
             "kl_parent_to_child_ci95": _interval(d["kl_moved"]),
         }
     else:
-        result = {"kind": card["kind"], "what": card["measure"], "parent": pair_figures(parent, items),
-                  "child": pair_figures(child, items)}  # fmt: skip
+        result = {"kind": card["kind"], "what": card["measure"]}
+        for who, model in (("parent", parent), ("child", child)):
+            values = item_values(model, items)
+            result[who] = pair_figures(model, items, values)
+            if card["kind"] == "password-lock":
+                result[who]["password_gap"] = password_gap(items, values)
     (Path(child_dir) / "measure.json").write_text(json.dumps(result, indent=2))
     return result
