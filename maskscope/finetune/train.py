@@ -631,7 +631,8 @@ class _Run:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         digest = adapter_hash(out)
-        plot_loss(rows, state["heldout"], out / "loss.png", title=self.spec.name or out.name)
+        what = "KL to the teacher" if self.spec.loss == "kl-to-teacher" else "cross-entropy"
+        plot_loss(rows, state["heldout"], out / "loss.png", title=self.spec.name or out.name, what=what)
         last = [r["loss"] for r in rows[-10:]]
         import peft
         import torch
@@ -684,7 +685,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
     return f"{path or 'value'}: {str(a)[:40]} before, {str(b)[:40]} now"
 
 
-def plot_loss(rows: list[dict], heldout: list, path: Path, title: str) -> None:
+def plot_loss(rows: list[dict], heldout: list, path: Path, title: str, what: str = "cross-entropy") -> None:
     """The training loss per step (and its running mean) with the held-out loss, as a PNG."""
     import matplotlib
 
@@ -709,7 +710,7 @@ def plot_loss(rows: list[dict], heldout: list, path: Path, title: str) -> None:
     if pts:
         ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", label="held-out")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss per assistant token (nats)")
+    ax.set_ylabel(f"{what} per assistant token (nats)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
