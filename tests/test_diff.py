@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import plain_logprobs
 
 import maskscope as ms
@@ -299,3 +300,14 @@ def test_the_shipped_example_is_a_valid_spec():
     assert spec.model == "default" and spec.child.startswith("default+lora:")
     assert spec.child.endswith("organisms/distill-pirate") and spec.library.endswith("masks.yaml")
     assert spec.extra_models() == {"child": spec.child} and len(spec.prompt_list()) == 8
+    # the known answer: the very mask the child was distilled from, beside the library's pirate (+ few-shot)
+    library = spec.mask_library()
+    assert library.names[-1] == "pirate-distilled" and len(library.names) == 10
+    distilled, shipped = library.get("pirate-distilled"), library.get("pirate")
+    assert distilled.system == shipped.system and distilled.few_shot != shipped.few_shot
+    organism = yaml.safe_load(
+        (Path(__file__).parent.parent / "examples/organisms/distill-pirate.yaml").read_text()
+    )
+    assert distilled.system == organism["data"]["system"]
+    with pytest.raises(ms.UserError, match="repeated across library and masks: pirate"):
+        spec.model_copy(update={"masks": [shipped]}).mask_library()

@@ -78,7 +78,11 @@ class DiffSpec(RunSpec):
     library: str | None = Field(
         None, description="A mask library YAML: explain the child by the parent's masks."
     )
-    masks: list[Mask] | None = Field(None, description="Or masks given inline.")
+    masks: list[Mask] | None = Field(
+        None,
+        description="Masks given inline; with `library`, added to it (say, the very mask a child was "
+        "distilled from, beside the library's own).",
+    )
     explain_samples: int = Field(2, ge=1, le=100, description="Child replies per prompt for the explain fit.")
     explain_top_k: int = Field(64, ge=0, description="Top-k tokens per position in the explain fit (0: all).")
     explain_bootstrap: int = Field(
@@ -102,8 +106,6 @@ class DiffSpec(RunSpec):
     def _some_prompts(self) -> DiffSpec:
         if bool(self.prompts) == (self.prompts_file is not None):
             raise ValueError("give either `prompts` or `prompts_file`, not both or neither")
-        if self.library is not None and self.masks is not None:
-            raise ValueError("give the masks as `library` or `masks`, not both")
         if not self.greedy and self.samples_per_prompt == 0:
             raise ValueError("no replies: set greedy or samples_per_prompt > 0")
         return self
@@ -129,9 +131,15 @@ class DiffSpec(RunSpec):
         """The mask library for the explain section (None without one)."""
         from maskscope.masks import MaskLibrary
 
-        if self.masks is not None:
-            return MaskLibrary(masks=self.masks)
-        return None if self.library is None else MaskLibrary.load(self.library)
+        masks = list(MaskLibrary.load(self.library).masks) if self.library is not None else []
+        masks += self.masks or []
+        if not masks:
+            return None
+        names = [m.name for m in masks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UserError(f"mask names repeated across library and masks: {', '.join(repeated)}")
+        return MaskLibrary(masks=masks)
 
 
 def _replies(
