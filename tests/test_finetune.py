@@ -287,6 +287,11 @@ def test_kl_to_teacher_with_the_conversations_own_context_has_nothing_to_learn(t
     child = _run(tiny_dir, data, tmp_path / "c", loss="kl-to-teacher", teacher_system=PIRATE, steps=1)
     first = json.loads((tmp_path / "c" / "log.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"]) < 1e-6 and abs(child.manifest["heldout_loss"]["before"]) < 1e-6
+    # the loss is part of the run's identity; its default is left out of it, so that children built before
+    # the field existed are still recognised as finished
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["training"]["loss"] == "kl-to-teacher"
+    plain = _run(tiny_dir, data, tmp_path / "plain", steps=1)
+    assert "loss" not in json.loads((plain.directory / "run.json").read_text())["training"]
 
 
 def test_kl_to_teacher_needs_a_teacher_and_teacher_system_needs_the_kl(tiny_dir, data, tmp_path):
