@@ -244,7 +244,7 @@ PIRATE = "You are a pirate captain. Say arr."
 def _kl_by_hand(tiny, conversations: list[dict], teacher_system: str) -> float:
     """Mean KL(parent seeing the teacher's system prompt || parent seeing the conversation) per reply token,
     from one plain forward pass per rendering, the reply located as the last tokens of each rendering."""
-    from tests.conftest import plain_logprobs
+    from conftest import plain_logprobs
 
     total, count = 0.0, 0
     for row in conversations:
