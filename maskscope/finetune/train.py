@@ -247,18 +247,26 @@ def _collate(examples: list[Example], pad_id: int) -> tuple[Any, Any, Any]:
     return ids, attention, target[:, 1:]
 
 
-def assistant_loss(causal_lm: Any, examples: list[Example], pad_id: int, precision: str) -> tuple[Any, int]:
-    """Summed cross-entropy over the assistant tokens of a batch, and how many there are. The LM head runs
-    only on the positions that predict an assistant token."""
+def _assistant_logits(
+    causal_lm: Any, examples: list[Example], pad_id: int, precision: str
+) -> tuple[Any, Any]:
+    """Next-token logits (fp32) at the positions that predict an assistant token, in batch order, and those
+    tokens. The LM head runs only on those positions."""
     import torch
 
     ids, attention, target = _collate(examples, pad_id)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         hidden = causal_lm.model(input_ids=ids, attention_mask=attention).last_hidden_state
-        chosen = hidden[:, :-1][target]
-        logits = causal_lm.get_output_embeddings()(chosen)
-    labels = ids[:, 1:][target]
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][target])
+    return logits.float(), ids[:, 1:][target]
+
+
+def assistant_loss(causal_lm: Any, examples: list[Example], pad_id: int, precision: str) -> tuple[Any, int]:
+    """Summed cross-entropy over the assistant tokens of a batch, and how many there are."""
+    import torch
+
+    logits, labels = _assistant_logits(causal_lm, examples, pad_id, precision)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
     return loss, int(labels.numel())
 
 
@@ -270,16 +278,11 @@ def teacher_kl(peft_model: Any, examples: list[Example], pad_id: int, precision:
     import torch
 
     causal_lm = peft_model.base_model.model
-    head = causal_lm.get_output_embeddings()
-    ids, attention, target = _collate(examples, pad_id)
-    t_ids, t_attention, t_target = _collate([e.teacher for e in examples], pad_id)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        with torch.no_grad(), peft_model.disable_adapter():
-            t_hidden = causal_lm.model(input_ids=t_ids, attention_mask=t_attention).last_hidden_state
-            t_logp = torch.log_softmax(head(t_hidden[:, :-1][t_target]).float(), dim=-1)
-        hidden = causal_lm.model(input_ids=ids, attention_mask=attention).last_hidden_state
-        logits = head(hidden[:, :-1][target])
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad(), peft_model.disable_adapter():
+        t_logits, _ = _assistant_logits(causal_lm, [e.teacher for e in examples], pad_id, precision)
+        t_logp = torch.log_softmax(t_logits, dim=-1)
+    logits, _ = _assistant_logits(causal_lm, examples, pad_id, precision)
+    logp = torch.log_softmax(logits, dim=-1)
     loss = (t_logp.exp() * (t_logp - logp)).sum()
     return loss, int(logp.shape[0])
 
